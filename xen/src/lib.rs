@@ -1,0 +1,138 @@
+//! Hosts that run Xen domains, as domsnap sees them.
+//!
+//! [`Host`] is the one boundary through which domsnap touches a domain: its run state, its
+//! memory (as a byte stream, the way `xl save -p` writes it) and its disks (qcow2 images whose
+//! internal snapshots are taken through the device model while the domain is active, and
+//! directly on the image while it is shut off).
+//!
+//! Implementations:
+//! - [`sim::SimHost`]: a simulated Xen host kept in a state directory (the default).
+//! - `XenHost` (feature `xen`): a real Xen host through libxenctrl, `xl` and QMP.
+#![warn(missing_docs)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+mod error;
+pub mod sim;
+
+pub use error::{Error, Result};
+
+/// The run state of a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Not running: no vCPU, no device model; its disks may be opened directly.
+    Shutoff,
+    /// vCPUs run.
+    Running,
+    /// vCPUs stopped; memory and device model kept.
+    Paused,
+}
+
+impl RunState {
+    /// Whether the domain exists in the hypervisor (running or paused).
+    pub fn is_active(self) -> bool {
+        !matches!(self, RunState::Shutoff)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Shutoff => "shutoff",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+        })
+    }
+}
+
+/// One virtual disk of a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Guest device name: `xvda`, `xvdb`, …
+    pub target: String,
+    /// The image file on the host.
+    pub path: PathBuf,
+    /// Image format; domsnap snapshots `qcow2` images.
+    pub format: String,
+}
+
+/// What a host knows about one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    /// Domain name, unique on the host.
+    pub name: String,
+    /// Current run state.
+    pub state: RunState,
+    /// Memory size in bytes.
+    pub memory_bytes: u64,
+    /// Where the domain's memory lives on the host, when it is a file (simulated host).
+    pub memory_path: Option<PathBuf>,
+    /// Disks in target order.
+    pub disks: Vec<DiskInfo>,
+}
+
+impl DomainInfo {
+    /// The disk with guest device name `target`.
+    pub fn disk(&self, target: &str) -> Option<&DiskInfo> {
+        self.disks.iter().find(|d| d.target == target)
+    }
+}
+
+/// A Xen host: the domains on it, their run state, memory and disks.
+///
+/// Every method is synchronous and returns only once its effect is complete. Methods named
+/// idempotent may be called again after a crash with the same arguments and converge on the
+/// same outcome; recovery relies on that.
+pub trait Host {
+    /// Short name of the implementation (`sim`, `xen`), recorded in the journal.
+    fn kind(&self) -> &'static str;
+
+    /// Every domain the host knows, including shut-off ones it has a configuration for.
+    fn domains(&self) -> Result<Vec<DomainInfo>>;
+
+    /// One domain; [`Error::NoSuchDomain`] if the host does not know it.
+    fn domain(&self, name: &str) -> Result<DomainInfo>;
+
+    /// Stops the domain's vCPUs. Returns only once they have stopped and every disk write
+    /// they issued is complete and flushed to the image. Idempotent; an error if shut off.
+    fn pause(&self, name: &str) -> Result<()>;
+
+    /// Lets a paused domain run again. Idempotent; an error if shut off.
+    fn unpause(&self, name: &str) -> Result<()>;
+
+    /// Writes the domain's memory and device state to `sink`, as `xl save -p` does: the
+    /// domain is paused (if it was not already) and is left paused, with its disks quiesced,
+    /// so that disk snapshots taken now match the saved memory. Returns the bytes written.
+    /// If it fails, the domain is left paused or running, never destroyed.
+    fn save_memory(&self, name: &str, sink: &mut dyn Write) -> Result<u64>;
+
+    /// Ends the domain at once, discarding its memory, and returns only once its device model
+    /// has released the disk images. Idempotent: Ok if already shut off.
+    fn destroy(&self, name: &str) -> Result<()>;
+
+    /// Creates the (shut-off) domain from a stream written by [`Host::save_memory`] and leaves
+    /// it paused. On error the domain is left shut off.
+    fn restore_memory(&self, name: &str, source: &mut dyn Read) -> Result<()>;
+
+    /// Boots a shut-off domain from its configuration, paused or running.
+    fn start(&self, name: &str, paused: bool) -> Result<()>;
+
+    /// Names (tags) of the internal snapshots of disk `target`, in table order.
+    fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>>;
+
+    /// Takes internal snapshot `tag` of disk `target`: through the device model while the
+    /// domain is active, on the image while it is shut off. Idempotent: Ok if `tag` exists.
+    fn create_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()>;
+
+    /// Deletes internal snapshot `tag` of disk `target` (through the device model while the
+    /// domain is active). Idempotent: Ok if `tag` does not exist.
+    fn delete_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()>;
+
+    /// Makes snapshot `tag` the current state of disk `target`. The domain must be shut off.
+    /// Idempotent (applying twice gives the same image content).
+    fn apply_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()>;
+}
