@@ -15,6 +15,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+#[doc(hidden)]
+pub mod contract;
 mod error;
 pub mod sim;
 

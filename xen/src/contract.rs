@@ -1,0 +1,1 @@
+//! The contract every [`Host`](crate::Host) implementation must keep, as a reusable test suite.

@@ -1,0 +1,1 @@
+//! The simulated Xen host (to be written).
