@@ -1,1 +1,327 @@
-//! The contract every [`Host`](crate::Host) implementation must keep, as a reusable test suite.
+//! The contract every [`Host`] implementation keeps, as a reusable test suite.
+//!
+//! Each check takes a host and the name of a domain that exists, is shut off, and has at
+//! least one qcow2 disk, and leaves it shut off again. Checks panic (like `assert!`) when the
+//! host breaks the contract; they are meant to be called from tests:
+//!
+//! ```ignore
+//! xen::contract::run_all(&host, "contract-dom");
+//! ```
+//!
+//! Disk images are inspected with `qemu-img` and `qemu-io` (QEMU's tools are the reference
+//! for qcow2), only while the domain is shut off or read-only with `-U`. After a `destroy`
+//! (the device model killed) leaked clusters are accepted, corruption never.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::process::Command;
+
+use crate::{Error, Host, RunState};
+
+/// Runs every check of the contract, in order, on domain `name` of `host`.
+pub fn run_all(host: &dyn Host, name: &str) {
+    lookup(host, name);
+    lifecycle(host, name);
+    start_refused_while_active(host, name);
+    save_and_restore(host, name);
+    restore_refuses_bad_streams(host, name);
+    disk_snapshots_offline(host, name);
+    disk_snapshots_online(host, name);
+    apply_disk_snapshot_reverts(host, name);
+}
+
+fn state(host: &dyn Host, name: &str) -> RunState {
+    host.domain(name)
+        .unwrap_or_else(|e| panic!("domain({name}): {e}"))
+        .state
+}
+
+fn ok<T>(what: &str, r: crate::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn first_disk(host: &dyn Host, name: &str) -> (String, std::path::PathBuf) {
+    let info = ok("domain", host.domain(name));
+    let disk = info
+        .disks
+        .first()
+        .unwrap_or_else(|| panic!("the contract needs a domain with a disk; {name} has none"));
+    assert_eq!(disk.format, "qcow2", "the contract needs a qcow2 disk");
+    (disk.target.clone(), disk.path.clone())
+}
+
+/// `domains` lists the domain; `domain` finds it shut off; unknown names are refused.
+pub fn lookup(host: &dyn Host, name: &str) {
+    assert!(!host.kind().is_empty());
+    let all = ok("domains", host.domains());
+    assert!(
+        all.iter().any(|d| d.name == name),
+        "domains() does not list {name}"
+    );
+    let info = ok("domain", host.domain(name));
+    assert_eq!(info.name, name);
+    assert_eq!(
+        info.state,
+        RunState::Shutoff,
+        "the contract starts shut off"
+    );
+    assert!(info.memory_bytes > 0);
+    assert!(info.disk(&info.disks[0].target).is_some());
+    assert!(matches!(
+        host.domain("no-such-domain-4f2a"),
+        Err(Error::NoSuchDomain(_))
+    ));
+}
+
+/// start paused / unpause / pause / destroy, each idempotent where the trait says so, and
+/// pause/unpause refused while shut off.
+pub fn lifecycle(host: &dyn Host, name: &str) {
+    assert!(host.pause(name).is_err(), "pause of a shut-off domain");
+    assert!(host.unpause(name).is_err(), "unpause of a shut-off domain");
+    ok("destroy (shut off)", host.destroy(name));
+
+    ok("start paused", host.start(name, true));
+    assert_eq!(state(host, name), RunState::Paused);
+    ok("unpause", host.unpause(name));
+    assert_eq!(state(host, name), RunState::Running);
+    ok("unpause again", host.unpause(name));
+    assert_eq!(state(host, name), RunState::Running);
+    ok("pause", host.pause(name));
+    assert_eq!(state(host, name), RunState::Paused);
+    ok("pause again", host.pause(name));
+    assert_eq!(state(host, name), RunState::Paused);
+    ok("destroy", host.destroy(name));
+    assert_eq!(state(host, name), RunState::Shutoff);
+    ok("destroy again", host.destroy(name));
+
+    ok("start running", host.start(name, false));
+    assert_eq!(state(host, name), RunState::Running);
+    ok("destroy running", host.destroy(name));
+    assert_eq!(state(host, name), RunState::Shutoff);
+}
+
+/// A second start of an active domain is refused and leaves it as it was.
+pub fn start_refused_while_active(host: &dyn Host, name: &str) {
+    ok("start", host.start(name, true));
+    assert!(
+        host.start(name, false).is_err(),
+        "start of an active domain"
+    );
+    assert_eq!(state(host, name), RunState::Paused);
+    ok("destroy", host.destroy(name));
+}
+
+/// save_memory leaves the domain paused; restore_memory brings it back paused; restore is
+/// refused while active.
+pub fn save_and_restore(host: &dyn Host, name: &str) {
+    ok("start", host.start(name, false));
+    let mut image = Vec::new();
+    let n = ok("save_memory", host.save_memory(name, &mut image));
+    assert_eq!(
+        n,
+        image.len() as u64,
+        "save_memory returns the bytes written"
+    );
+    assert!(n > 0);
+    assert_eq!(state(host, name), RunState::Paused, "save leaves it paused");
+
+    assert!(
+        host.restore_memory(name, &mut Cursor::new(&image)).is_err(),
+        "restore onto an active domain"
+    );
+    assert_eq!(state(host, name), RunState::Paused);
+
+    ok("destroy", host.destroy(name));
+    ok(
+        "restore_memory",
+        host.restore_memory(name, &mut Cursor::new(&image)),
+    );
+    assert_eq!(
+        state(host, name),
+        RunState::Paused,
+        "restore leaves it paused"
+    );
+    ok("unpause after restore", host.unpause(name));
+    assert_eq!(state(host, name), RunState::Running);
+    ok("destroy", host.destroy(name));
+}
+
+/// A truncated or empty stream is refused and leaves the domain shut off.
+pub fn restore_refuses_bad_streams(host: &dyn Host, name: &str) {
+    ok("start", host.start(name, true));
+    let mut image = Vec::new();
+    ok("save_memory", host.save_memory(name, &mut image));
+    ok("destroy", host.destroy(name));
+    for bad in [&image[..image.len() / 2], &[][..]] {
+        assert!(
+            host.restore_memory(name, &mut Cursor::new(bad)).is_err(),
+            "restore of a {}-byte stream",
+            bad.len()
+        );
+        assert_eq!(state(host, name), RunState::Shutoff);
+    }
+}
+
+/// Disk snapshots of a shut-off domain: create and delete are idempotent, apply of an
+/// unknown tag fails, the image stays clean.
+pub fn disk_snapshots_offline(host: &dyn Host, name: &str) {
+    let (target, path) = first_disk(host, name);
+    let tag = "contract-offline";
+    ok("create", host.create_disk_snapshot(name, &target, tag));
+    ok(
+        "create again",
+        host.create_disk_snapshot(name, &target, tag),
+    );
+    let tags = ok("list", host.disk_snapshots(name, &target));
+    assert_eq!(tags.iter().filter(|t| *t == tag).count(), 1, "{tags:?}");
+    ok("apply", host.apply_disk_snapshot(name, &target, tag));
+    ok("apply again", host.apply_disk_snapshot(name, &target, tag));
+    ok("delete", host.delete_disk_snapshot(name, &target, tag));
+    ok(
+        "delete again",
+        host.delete_disk_snapshot(name, &target, tag),
+    );
+    assert!(!ok("list", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+    assert!(host
+        .apply_disk_snapshot(name, &target, "contract-never-taken")
+        .is_err());
+    assert!(host
+        .create_disk_snapshot(name, "no-such-disk", tag)
+        .is_err());
+    qemu_img_check(&path);
+}
+
+/// Disk snapshots of an active domain go through the device model; apply is refused.
+pub fn disk_snapshots_online(host: &dyn Host, name: &str) {
+    let (target, path) = first_disk(host, name);
+    let tag = "contract-online";
+    ok("start", host.start(name, false));
+    ok(
+        "create (running)",
+        host.create_disk_snapshot(name, &target, tag),
+    );
+    ok(
+        "create again",
+        host.create_disk_snapshot(name, &target, tag),
+    );
+    assert!(ok("list (running)", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+    assert!(
+        matches!(
+            host.apply_disk_snapshot(name, &target, tag),
+            Err(Error::WrongState { .. })
+        ),
+        "apply while running"
+    );
+    assert_eq!(state(host, name), RunState::Running);
+    ok("pause", host.pause(name));
+    ok(
+        "delete (paused)",
+        host.delete_disk_snapshot(name, &target, tag),
+    );
+    ok(
+        "delete again",
+        host.delete_disk_snapshot(name, &target, tag),
+    );
+    assert!(!ok("list", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+    ok("unpause", host.unpause(name));
+    ok("destroy", host.destroy(name));
+    qemu_img_check_allow_leaks(&path);
+}
+
+/// Applying a snapshot brings back the disk content it was taken with (the first MiB).
+pub fn apply_disk_snapshot_reverts(host: &dyn Host, name: &str) {
+    let (target, path) = first_disk(host, name);
+    let tag = "contract-revert";
+    ok("create", host.create_disk_snapshot(name, &target, tag));
+    let before = read_disk(&path, 0, 1 << 20);
+    ok("start", host.start(name, false));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    ok("destroy", host.destroy(name));
+    ok("apply", host.apply_disk_snapshot(name, &target, tag));
+    assert!(
+        read_disk(&path, 0, 1 << 20) == before,
+        "{target} differs from snapshot {tag} after apply"
+    );
+    ok("delete", host.delete_disk_snapshot(name, &target, tag));
+    qemu_img_check_allow_leaks(&path);
+}
+
+/// `qemu-img check` of a qcow2 image: no errors, no leaked clusters.
+pub fn qemu_img_check(path: &Path) {
+    let (code, report) = run_qemu_img_check(path);
+    assert!(
+        code == Some(0),
+        "qemu-img check {}: {report}",
+        path.display()
+    );
+}
+
+/// `qemu-img check` of a qcow2 image that a killed device model may have left with leaked
+/// clusters (harmless: allocated, unreferenced; QEMU leaks them too when killed), but with
+/// no corruption.
+pub fn qemu_img_check_allow_leaks(path: &Path) {
+    let (code, report) = run_qemu_img_check(path);
+    // 0: clean; 3: leaks only (qemu-img(1), "check").
+    assert!(
+        matches!(code, Some(0) | Some(3)),
+        "qemu-img check {}: {report}",
+        path.display()
+    );
+}
+
+fn run_qemu_img_check(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("run qemu-img check: {e}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), report)
+}
+
+/// Reads `len` bytes at `offset` of a qcow2 image with `qemu-io -r -U` (works while a
+/// device model has the image open).
+pub fn read_disk(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let out = Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c"])
+        .arg(format!("read -v {offset} {len}"))
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("run qemu-io: {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-io read {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Lines: "00000000:  07 07 … 07  ................"
+    let mut bytes = Vec::with_capacity(len);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((addr, rest)) = line.split_once(":  ") else {
+            continue;
+        };
+        if u64::from_str_radix(addr, 16).is_err() {
+            continue;
+        }
+        // The hex bytes end where the two spaces before the ASCII column are.
+        let hex = rest.split("  ").next().unwrap_or_default();
+        bytes.extend(
+            hex.split_whitespace()
+                .filter_map(|h| u8::from_str_radix(h, 16).ok()),
+        );
+    }
+    assert_eq!(bytes.len(), len, "qemu-io gave {} bytes", bytes.len());
+    bytes
+}
+
+/// The little-endian u64 at `offset` of a qcow2 image (see [`read_disk`]).
+pub fn read_disk_u64(path: &Path, offset: u64) -> u64 {
+    let bytes = read_disk(path, offset, 8);
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&bytes);
+    u64::from_le_bytes(le)
+}

@@ -1,0 +1,534 @@
+//! The guest process: what a running simulated domain is.
+//!
+//! One process per active domain, started by [`SimHost`](super::SimHost) as
+//! `<exe> __sim-guest <state_dir> <name>` and entered through [`guest_main`]. It holds:
+//!
+//! - a **vCPU thread** running the domain's [`Workload`], which touches memory (`pwrite` on
+//!   the `memory` file) and disks (through the device model);
+//! - a **device model** that owns the qcow2 images (`disk::DataImage`), one mutex per disk,
+//!   so a snapshot request waits for the write in flight and no write starts during it;
+//! - a **control server** on `control.sock` (see [`control`](super::control)), one thread per
+//!   connection.
+//!
+//! The guest always boots paused; the host unpauses it when asked to start it running. It
+//! holds an exclusive `flock` on `guest.pid` for its whole life: that lock, not the pid, is
+//! what says the domain is active. If the vCPU's I/O fails the guest logs it and exits with
+//! status 2 (a crashed domain is destroyed, as with Xen's default `on_crash`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::RunState;
+
+use super::config::{validate_name, DomainConfig, DomainDir, Workload};
+use super::control::{Request, Response};
+use super::process::flock;
+
+/// Pause between two iterations of the `counter` vCPU loop. Each iteration is one 8-byte
+/// qcow2 write and one 8-byte memory `pwrite` (a few µs); the sleep keeps a running domain at
+/// a few percent of one core, on a machine of two cores shared with builds and other guests.
+pub const VCPU_PERIOD: Duration = Duration::from_micros(500);
+
+/// How often an `idle` vCPU wakes up.
+const IDLE_PERIOD: Duration = Duration::from_millis(20);
+
+type GuestResult<T> = std::result::Result<T, String>;
+
+/// Runs the simulated guest of domain `name` in the state directory `state_dir` and exits
+/// the process: 0 after a `quit` request, 1 if it could not start, 2 if its vCPU crashed.
+///
+/// The domsnap binary calls this when its first argument is `__sim-guest`
+/// ([`GUEST_ARG`](super::GUEST_ARG)): `domsnap __sim-guest <state_dir> <name>`.
+pub fn guest_main(state_dir: &Path, name: &str) -> ! {
+    match run(state_dir, name) {
+        Ok(never) => match never {},
+        Err(e) => {
+            log(&format!("cannot start: {e}"));
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Runs [`guest_main`] from the process arguments that follow `__sim-guest`:
+/// `<state_dir> <name>`. Exits with status 64 on bad arguments.
+pub fn guest_main_from_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> ! {
+    match (args.next(), args.next(), args.next()) {
+        (Some(state_dir), Some(name), None) => match name.to_str() {
+            Some(name) => guest_main(Path::new(&state_dir), name),
+            None => {
+                log("domain name is not UTF-8");
+                std::process::exit(64)
+            }
+        },
+        _ => {
+            log("usage: __sim-guest <state_dir> <name>");
+            std::process::exit(64)
+        }
+    }
+}
+
+fn log(message: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!(
+        "[{}.{:03} guest {}] {message}",
+        now.as_secs(),
+        now.subsec_millis(),
+        std::process::id()
+    );
+}
+
+enum Never {}
+
+fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
+    validate_name(name).map_err(|e| e.to_string())?;
+    let dir = DomainDir::new(&super::domains_dir(state_dir), name);
+    let config = DomainConfig::load(&dir).map_err(|e| e.to_string())?;
+    std::env::set_current_dir(&dir.path)
+        .map_err(|e| format!("chdir {}: {e}", dir.path.display()))?;
+
+    let pid_lock = lock_pid_file(&dir)?;
+    match std::fs::remove_file("control.sock") {
+        Ok(()) => log("removed a stale control.sock"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("remove stale control.sock: {e}")),
+    }
+
+    let memory = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.memory())
+        .map_err(|e| format!("open memory: {e}"))?;
+    let mut first = [0u8; 8];
+    memory
+        .read_exact_at(&mut first, 0)
+        .map_err(|e| format!("read memory: {e}"))?;
+    let n = u64::from_le_bytes(first);
+
+    let dm = DeviceModel::open(&config, &dir)?;
+    let guest = Arc::new(Guest {
+        vcpu: Vcpu::new(n),
+        dm,
+        memory,
+        workload: config.workload,
+        dir,
+        _pid_lock: pid_lock,
+    });
+
+    // Bound relative to the domain directory (our cwd): sun_path is only 108 bytes.
+    let listener =
+        UnixListener::bind("control.sock").map_err(|e| format!("bind control.sock: {e}"))?;
+    {
+        let guest = Arc::clone(&guest);
+        std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || guest.vcpu_loop())
+            .map_err(|e| format!("spawn vCPU thread: {e}"))?;
+    }
+    log(&format!(
+        "domain {name} booted paused, workload {}, n = {n}",
+        config.workload
+    ));
+
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let guest = Arc::clone(&guest);
+                if let Err(e) = std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || guest.serve(stream))
+                {
+                    log(&format!("cannot serve a control connection: {e}"));
+                }
+            }
+            Err(e) => log(&format!("accept on control.sock: {e}")),
+        }
+    }
+    Err("control socket closed".into())
+}
+
+/// Takes the exclusive lock on `guest.pid` (retrying briefly: a host-side liveness check
+/// holds a shared lock for a moment) and writes our pid into it.
+fn lock_pid_file(dir: &DomainDir) -> GuestResult<File> {
+    let path = dir.pid_file();
+    for _ in 0..200 {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| format!("lock pid: {e}"))? {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        // The file may have been removed as stale between open and lock: lock the one at
+        // the path.
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if !same {
+            continue;
+        }
+        file.set_len(0)
+            .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        return Ok(file);
+    }
+    Err(format!(
+        "another guest process holds {} (domain already active)",
+        path.display()
+    ))
+}
+
+/// Run control of the vCPU thread.
+#[derive(Debug)]
+struct VcpuCtl {
+    /// Asked to run (running) or not (paused).
+    run: bool,
+    /// Inside an iteration of the workload.
+    busy: bool,
+    /// The last counter value stored in memory.
+    n: u64,
+}
+
+#[derive(Debug)]
+struct Vcpu {
+    ctl: Mutex<VcpuCtl>,
+    changed: Condvar,
+}
+
+impl Vcpu {
+    fn new(n: u64) -> Vcpu {
+        Vcpu {
+            ctl: Mutex::new(VcpuCtl {
+                run: false,
+                busy: false,
+                n,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VcpuCtl> {
+        // A poisoned lock means a thread panicked mid-update; the state is still plain data.
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the vCPU and waits until its current iteration is over.
+    fn stop(&self) {
+        let mut ctl = self.lock();
+        ctl.run = false;
+        while ctl.busy {
+            ctl = self.changed.wait(ctl).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn resume(&self) {
+        self.lock().run = true;
+        self.changed.notify_all();
+    }
+}
+
+/// One disk as the device model holds it. None while a snapshot operation has it closed.
+#[derive(Debug)]
+struct Disk {
+    target: String,
+    path: PathBuf,
+    image: Mutex<Option<disk::DataImage>>,
+}
+
+impl Disk {
+    fn lock(&self) -> MutexGuard<'_, Option<disk::DataImage>> {
+        self.image.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The device model: the domain's disks, shared by the vCPU and the control server.
+#[derive(Debug)]
+struct DeviceModel {
+    disks: Vec<Disk>,
+}
+
+impl DeviceModel {
+    fn open(config: &DomainConfig, dir: &DomainDir) -> GuestResult<DeviceModel> {
+        let disks = config
+            .disk_infos(dir)
+            .into_iter()
+            .map(|info| {
+                let image = disk::DataImage::open(&info.path)
+                    .map_err(|e| format!("open {}: {}", info.path.display(), chain(&e)))?;
+                Ok(Disk {
+                    target: info.target,
+                    path: info.path,
+                    image: Mutex::new(Some(image)),
+                })
+            })
+            .collect::<GuestResult<Vec<Disk>>>()?;
+        Ok(DeviceModel { disks })
+    }
+
+    fn disk(&self, target: &str) -> GuestResult<&Disk> {
+        self.disks
+            .iter()
+            .find(|d| d.target == target)
+            .ok_or_else(|| format!("no disk {target:?}"))
+    }
+
+    /// Writes `buf` at `offset` of disk `target` and returns once the write is complete.
+    fn write(&self, target: &str, buf: &[u8], offset: u64) -> GuestResult<()> {
+        let disk = self.disk(target)?;
+        let mut image = disk.lock();
+        let image = image
+            .as_mut()
+            .ok_or_else(|| format!("{target} is closed after a failed snapshot operation"))?;
+        image
+            .write_at(buf, offset)
+            .map(|_| ())
+            .map_err(|e| format!("write {target}: {}", chain(&e)))
+    }
+
+    /// Flushes every open disk to its image file.
+    fn flush_all(&self) -> GuestResult<()> {
+        for disk in &self.disks {
+            if let Some(image) = disk.lock().as_mut() {
+                image
+                    .flush()
+                    .map_err(|e| format!("flush {}: {}", disk.target, chain(&e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the image file of `target` with the disk quiesced: no write in flight,
+    /// flushed and closed; reopens it afterwards.
+    fn with_image_closed(
+        &self,
+        target: &str,
+        op: impl FnOnce(&Path) -> GuestResult<()>,
+    ) -> GuestResult<()> {
+        let disk = self.disk(target)?;
+        let mut slot = disk.lock();
+        if let Some(mut image) = slot.take() {
+            image
+                .flush()
+                .map_err(|e| format!("flush {target}: {}", chain(&e)))?;
+            drop(image);
+        }
+        let result = op(&disk.path);
+        match disk::DataImage::open(&disk.path) {
+            Ok(image) => *slot = Some(image),
+            Err(e) => {
+                return Err(format!(
+                    "reopen {} after the snapshot operation: {}",
+                    disk.path.display(),
+                    chain(&e)
+                ))
+            }
+        }
+        result
+    }
+
+    fn snapshot_create(&self, target: &str, tag: &str) -> GuestResult<()> {
+        self.with_image_closed(target, |path| match disk::create_snapshot(path, tag) {
+            Ok(_) | Err(disk::Error::SnapshotExists { .. }) => Ok(()),
+            Err(e) => Err(format!("snapshot {tag:?} of {target}: {}", chain(&e))),
+        })
+    }
+
+    fn snapshot_delete(&self, target: &str, tag: &str) -> GuestResult<()> {
+        self.with_image_closed(target, |path| match disk::delete_snapshot(path, tag) {
+            Ok(_) | Err(disk::Error::NoSuchSnapshot { .. }) => Ok(()),
+            Err(e) => Err(format!(
+                "delete snapshot {tag:?} of {target}: {}",
+                chain(&e)
+            )),
+        })
+    }
+
+    /// Flushes and closes every disk (at quit).
+    fn close_all(&self) -> GuestResult<()> {
+        for disk in &self.disks {
+            if let Some(mut image) = disk.lock().take() {
+                image
+                    .flush()
+                    .map_err(|e| format!("flush {}: {}", disk.target, chain(&e)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[derive(Debug)]
+struct Guest {
+    vcpu: Vcpu,
+    dm: DeviceModel,
+    memory: File,
+    workload: Workload,
+    dir: DomainDir,
+    /// Held for the life of the process: while it is, the domain is active.
+    _pid_lock: File,
+}
+
+impl Guest {
+    fn vcpu_loop(&self) {
+        loop {
+            let n = {
+                let mut ctl = self.vcpu.lock();
+                while !ctl.run {
+                    ctl = self
+                        .vcpu
+                        .changed
+                        .wait(ctl)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                ctl.busy = true;
+                ctl.n
+            };
+            let step = self.step(n);
+            {
+                let mut ctl = self.vcpu.lock();
+                ctl.busy = false;
+                if let Ok(Some(next)) = step {
+                    ctl.n = next;
+                }
+            }
+            self.vcpu.changed.notify_all();
+            match step {
+                Ok(Some(_)) => std::thread::sleep(VCPU_PERIOD),
+                Ok(None) => std::thread::sleep(IDLE_PERIOD),
+                Err(e) => {
+                    log(&format!("vCPU crashed: {e}"));
+                    std::process::exit(2);
+                }
+            }
+        }
+    }
+
+    /// One iteration of the workload; the new counter, if it has one.
+    fn step(&self, n: u64) -> GuestResult<Option<u64>> {
+        match self.workload {
+            Workload::Idle => Ok(None),
+            Workload::Counter => {
+                let next = n.wrapping_add(1);
+                let bytes = next.to_le_bytes();
+                if !self.dm.disks.is_empty() {
+                    self.dm.write("xvda", &bytes, 0)?;
+                }
+                self.memory
+                    .write_all_at(&bytes, 0)
+                    .map_err(|e| format!("write memory: {e}"))?;
+                Ok(Some(next))
+            }
+        }
+    }
+
+    /// Stops the vCPU, flushes the disks and syncs the memory file.
+    fn pause(&self) -> GuestResult<()> {
+        self.vcpu.stop();
+        self.dm.flush_all()?;
+        self.memory
+            .sync_data()
+            .map_err(|e| format!("sync memory: {e}"))
+    }
+
+    fn handle(&self, request: &Request) -> GuestResult<Response> {
+        match request {
+            Request::Status => {
+                let ctl = self.vcpu.lock();
+                Ok(Response {
+                    ok: true,
+                    state: Some(if ctl.run {
+                        RunState::Running
+                    } else {
+                        RunState::Paused
+                    }),
+                    n: Some(ctl.n),
+                    pid: Some(std::process::id()),
+                    ..Response::default()
+                })
+            }
+            Request::Pause => {
+                self.pause()?;
+                Ok(Response::ok())
+            }
+            Request::Unpause => {
+                self.vcpu.resume();
+                Ok(Response::ok())
+            }
+            Request::SnapshotCreate { disk, tag } => {
+                self.dm.snapshot_create(disk, tag)?;
+                Ok(Response::ok())
+            }
+            Request::SnapshotDelete { disk, tag } => {
+                self.dm.snapshot_delete(disk, tag)?;
+                Ok(Response::ok())
+            }
+            Request::Quit => {
+                self.pause()?;
+                self.dm.close_all()?;
+                Ok(Response::ok())
+            }
+        }
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    log(&format!("read control request: {e}"));
+                    return;
+                }
+            }
+            let request = serde_json::from_str::<Request>(&line);
+            let response = match &request {
+                Ok(request) => self.handle(request).unwrap_or_else(|e| {
+                    log(&format!("{request:?} failed: {e}"));
+                    Response::error(e)
+                }),
+                Err(e) => Response::error(format!("bad request {:?}: {e}", line.trim_end())),
+            };
+            let quit = matches!(request, Ok(Request::Quit)) && response.ok;
+            if quit {
+                // Gone from the host's view before we answer: no new connection, no pid.
+                let _ = std::fs::remove_file(self.dir.socket());
+                let _ = std::fs::remove_file(self.dir.pid_file());
+            }
+            let mut text = serde_json::to_string(&response)
+                .unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable answer"}"#.to_owned());
+            text.push('\n');
+            if let Err(e) = (&stream).write_all(text.as_bytes()) {
+                log(&format!("write control answer: {e}"));
+            }
+            if quit {
+                log("shut down");
+                std::process::exit(0);
+            }
+        }
+    }
+}

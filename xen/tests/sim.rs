@@ -1,0 +1,333 @@
+//! The simulated host with real guest processes and real qcow2 images: the `Host` contract,
+//! then what only the simulation promises (the counter workload, detachment, stale state).
+
+use std::io::{BufRead, BufReader, Cursor};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xen::contract::{qemu_img_check, qemu_img_check_allow_leaks, read_disk_u64};
+use xen::sim::{SimHost, Workload};
+use xen::{Error, Host, RunState};
+
+const MIB: u64 = 1 << 20;
+const GUEST_EXE: &str = env!("CARGO_BIN_EXE_sim-guest");
+
+fn host(dir: &Path) -> SimHost {
+    SimHost::open(dir)
+        .expect("open sim host")
+        .with_guest_exe(GUEST_EXE)
+}
+
+fn state(host: &SimHost, name: &str) -> RunState {
+    host.domain(name).expect("domain").state
+}
+
+fn xvda(host: &SimHost, name: &str) -> std::path::PathBuf {
+    host.domain(name)
+        .expect("domain")
+        .disk("xvda")
+        .expect("xvda")
+        .path
+        .clone()
+}
+
+/// Waits until the counter in memory reaches at least `at_least`.
+fn wait_counter(host: &SimHost, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = host.memory_counter(name).expect("memory counter");
+        if n >= at_least {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "counter stuck at {n}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Memory holds m, xvda holds m or m + 1 (the vCPU writes the disk first).
+fn assert_consistent(host: &SimHost, name: &str) -> u64 {
+    let m = host.memory_counter(name).expect("memory counter");
+    let d = read_disk_u64(&xvda(host, name), 0);
+    assert!(d == m || d == m + 1, "memory counter {m}, xvda counter {d}");
+    m
+}
+
+fn guest_pid(host: &SimHost, name: &str) -> i32 {
+    let path = host
+        .state_dir()
+        .join("sim/domains")
+        .join(name)
+        .join("guest.pid");
+    std::fs::read_to_string(path)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+#[test]
+fn host_contract() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("contract", MIB, &[16 * MIB, 4 * MIB])
+        .expect("define");
+    xen::contract::run_all(&host, "contract");
+}
+
+#[test]
+fn define_validates_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    let info = host.define("d1", 2 * MIB, &[8 * MIB, MIB]).expect("define");
+    assert_eq!(info.state, RunState::Shutoff);
+    assert_eq!(info.memory_bytes, 2 * MIB);
+    let targets: Vec<&str> = info.disks.iter().map(|d| d.target.as_str()).collect();
+    assert_eq!(targets, ["xvda", "xvdb"]);
+    let memory = info.memory_path.clone().expect("memory path");
+    let meta = std::fs::metadata(&memory).expect("memory file");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "guest memory is secret"
+    );
+    assert_eq!(meta.len(), 2 * MIB);
+    assert!(meta.blocks() * 512 < MIB, "memory file is sparse");
+    for disk in &info.disks {
+        qemu_img_check(&disk.path);
+    }
+    assert_eq!(host.workload("d1").expect("workload"), Workload::Counter);
+
+    assert!(matches!(
+        host.define("d1", MIB, &[MIB]),
+        Err(Error::DomainExists(_))
+    ));
+    for bad in ["", ".d", "../d", "a/b", "d d", &"x".repeat(65)] {
+        assert!(
+            matches!(host.define(bad, MIB, &[MIB]), Err(Error::Invalid(_))),
+            "{bad:?}"
+        );
+    }
+    for memory in [0, MIB - 4096, MIB + 1] {
+        assert!(host.define("d2", memory, &[MIB]).is_err(), "{memory}");
+    }
+    assert!(host.define("d2", MIB, &[0]).is_err());
+    // A disk the image library refuses: nothing of d2 is left.
+    let _ = host.define("d2", MIB, &[!511]);
+    let entries: Vec<String> = std::fs::read_dir(tmp.path().join("sim/domains"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        entries == ["d1"] || (entries.len() == 2 && entries.contains(&"d2".to_owned())),
+        "{entries:?}"
+    );
+    let names: Vec<String> = host
+        .domains()
+        .expect("domains")
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert!(names.contains(&"d1".to_owned()));
+
+    host.undefine("d1").expect("undefine");
+    assert!(matches!(host.domain("d1"), Err(Error::NoSuchDomain(_))));
+    assert!(!tmp.path().join("sim/domains/d1").exists());
+}
+
+#[test]
+fn counter_is_consistent_after_pause() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("c", MIB, &[8 * MIB]).expect("define");
+    host.start("c", true).expect("start paused");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        host.memory_counter("c").expect("counter"),
+        0,
+        "paused at boot"
+    );
+    host.unpause("c").expect("unpause");
+    let mut last = 0;
+    for round in 0..5 {
+        wait_counter(&host, "c", last + 10);
+        host.pause("c").expect("pause");
+        let m = assert_consistent(&host, "c");
+        assert!(m > last, "round {round}: {m} <= {last}");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            host.memory_counter("c").expect("counter"),
+            m,
+            "paused vCPU moved"
+        );
+        last = m;
+        host.unpause("c").expect("unpause");
+    }
+    let mut image = Vec::new();
+    host.save_memory("c", &mut image).expect("save");
+    assert_eq!(state(&host, "c"), RunState::Paused);
+    let m = assert_consistent(&host, "c");
+    assert_eq!(
+        image[..8],
+        m.to_le_bytes(),
+        "saved memory holds the counter"
+    );
+    assert_eq!(image.len() as u64, MIB);
+    host.destroy("c").expect("destroy");
+}
+
+#[test]
+fn restore_counts_on_from_the_saved_counter() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("r", MIB, &[8 * MIB]).expect("define");
+    host.start("r", false).expect("start");
+    wait_counter(&host, "r", 20);
+    let mut image = Vec::new();
+    host.save_memory("r", &mut image).expect("save");
+    let saved = u64::from_le_bytes(image[..8].try_into().expect("8 bytes"));
+    host.create_disk_snapshot("r", "xvda", "cp1")
+        .expect("snapshot");
+
+    // Run on past the checkpoint, then revert: disk snapshot + memory.
+    host.unpause("r").expect("unpause");
+    wait_counter(&host, "r", saved + 50);
+    host.destroy("r").expect("destroy");
+    host.apply_disk_snapshot("r", "xvda", "cp1").expect("apply");
+    assert_eq!(read_disk_u64(&xvda(&host, "r"), 0), saved);
+    host.restore_memory("r", &mut Cursor::new(&image))
+        .expect("restore");
+    assert_eq!(state(&host, "r"), RunState::Paused);
+    assert_eq!(host.memory_counter("r").expect("counter"), saved);
+    let memory = host
+        .domain("r")
+        .expect("domain")
+        .memory_path
+        .expect("memory path");
+    assert_eq!(
+        std::fs::metadata(&memory)
+            .expect("memory")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        host.memory_counter("r").expect("counter"),
+        saved,
+        "restored paused"
+    );
+    host.unpause("r").expect("unpause");
+    wait_counter(&host, "r", saved + 10);
+    host.pause("r").expect("pause");
+    let m = assert_consistent(&host, "r");
+    assert!(m > saved);
+    host.shutdown("r").expect("shutdown");
+    assert_eq!(state(&host, "r"), RunState::Shutoff);
+    // Destroyed once above: leaked clusters are possible, corruption is not.
+    qemu_img_check_allow_leaks(&xvda(&host, "r"));
+}
+
+#[test]
+fn guest_outlives_the_command_that_started_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("k", MIB, &[8 * MIB]).expect("define");
+    let mut starter = Command::new(GUEST_EXE)
+        .arg("start-and-wait")
+        .arg(tmp.path())
+        .arg("k")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn starter");
+    let mut line = String::new();
+    BufReader::new(starter.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read starter");
+    assert_eq!(line.trim(), "started");
+    starter.kill().expect("kill -9 the starter");
+    starter.wait().expect("reap the starter");
+
+    assert_eq!(state(&host, "k"), RunState::Running);
+    let n = host.memory_counter("k").expect("counter");
+    wait_counter(&host, "k", n + 10);
+    host.pause("k").expect("pause");
+    assert_consistent(&host, "k");
+    host.destroy("k").expect("destroy");
+    assert_eq!(state(&host, "k"), RunState::Shutoff);
+}
+
+#[test]
+fn a_killed_guest_is_shut_off_and_starts_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("s", MIB, &[8 * MIB]).expect("define");
+    host.start("s", false).expect("start");
+    wait_counter(&host, "s", 5);
+    let pid = guest_pid(&host, "s");
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&host, "s") != RunState::Shutoff {
+        assert!(
+            Instant::now() < deadline,
+            "killed guest still counts as active"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Stale pid file and socket are left; start copes with them.
+    host.start("s", false).expect("start after kill");
+    let n = host.memory_counter("s").expect("counter");
+    wait_counter(&host, "s", n + 5);
+    host.destroy("s").expect("destroy");
+    assert!(matches!(
+        host.pause("s"),
+        Err(Error::WrongState {
+            state: RunState::Shutoff,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn shutdown_flushes_and_undefine_needs_shutoff() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("g", MIB, &[8 * MIB]).expect("define");
+    host.shutdown("g").expect("shutdown of a shut-off domain");
+    host.start("g", false).expect("start");
+    wait_counter(&host, "g", 10);
+    assert!(matches!(host.undefine("g"), Err(Error::WrongState { .. })));
+    host.shutdown("g").expect("shutdown");
+    assert_eq!(state(&host, "g"), RunState::Shutoff);
+    let m = assert_consistent(&host, "g");
+    assert!(m >= 10);
+    qemu_img_check(&xvda(&host, "g"));
+    host.undefine("g").expect("undefine");
+    assert!(host.domains().expect("domains").is_empty());
+}
+
+#[test]
+fn long_names_and_idle_workload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    let name = "n".repeat(64);
+    host.define_with_workload(&name, MIB, &[MIB], Workload::Idle)
+        .expect("define");
+    host.start(&name, false)
+        .expect("start (socket path over 100 bytes)");
+    std::thread::sleep(Duration::from_millis(100));
+    host.pause(&name).expect("pause");
+    assert_eq!(host.memory_counter(&name).expect("counter"), 0, "idle");
+    host.set_workload(&name, Workload::Counter)
+        .expect("set workload");
+    host.destroy(&name).expect("destroy");
+    host.start(&name, false).expect("start");
+    wait_counter(&host, &name, 5);
+    host.destroy(&name).expect("destroy");
+}
