@@ -1,0 +1,473 @@
+//! Reading an image's metadata and changing it in one atomic step.
+//!
+//! # How a change is made crash-safe
+//!
+//! A [`Txn`] starts from the on-disk refcounts (`old`) and keeps the refcounts the image will
+//! have after the change (`new`). Everything the change writes (L2 table copies, L1 tables,
+//! the snapshot table, and a complete new refcount table with new refcount blocks) goes into
+//! *fresh* clusters: clusters whose refcount is 0 both before and after, so no structure the
+//! current header reaches is ever overwritten. The steps are:
+//!
+//! 1. write the fresh clusters (`disk::internal::write_l2`, `write_l1`, `write_table`,
+//!    `write_refcounts` failpoints precede each group);
+//! 2. `fsync` (`disk::internal::sync_new`);
+//! 3. write header bytes 24..96 — L1 table, refcount table, snapshot table, size and feature
+//!    fields — in one write inside the first sector (`disk::internal::write_header`): the
+//!    commit point;
+//! 4. `fsync` (`disk::internal::sync_header`).
+//!
+//! A crash before step 3 leaves the old image untouched (the fresh clusters have refcount 0
+//! and nothing refers to them); after it, the new image is complete. The old L1 table, old
+//! snapshot table and old refcount structures are freed by the same switch, because the new
+//! refcounts already count them as free. Existing clusters are never modified in place, so
+//! neither leaks nor corruptions can result from a crash.
+
+use crate::error::{io, Error, Result};
+use crate::format::{l2_ref, Header, L2Ref, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::table;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// An image file opened for metadata work.
+#[derive(Debug)]
+pub struct Image {
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+    pub header: Header,
+}
+
+impl Image {
+    /// Opens and parses the header. `writable` also checks that this crate may modify it.
+    pub fn open(path: &Path, writable: bool) -> Result<Image> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(io("open image", path))?;
+        let len = file.metadata().map_err(io("stat image", path))?.len();
+        let mut first = vec![0u8; len.min(1 << 21) as usize];
+        file.read_exact_at(&mut first, 0)
+            .map_err(io("read header", path))?;
+        let header = Header::parse(path, &first, len)?;
+        if writable {
+            header.check_writable(path)?;
+        }
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            len,
+            header,
+        })
+    }
+
+    pub fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    pub fn corrupt(&self, what: impl Into<String>) -> Error {
+        Error::Corruption {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// Reads `len` bytes at `off`, refusing anything past the end of the file (so that no
+    /// length read from the image can cause a huge allocation).
+    pub fn read(&self, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        if off.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(self.corrupt(format!("{what} at {off:#x} (+{len}) beyond end of file")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(io("read metadata", &self.path))?;
+        Ok(buf)
+    }
+
+    pub fn read_u64s(&self, off: u64, n: u64, what: &str) -> Result<Vec<u64>> {
+        let b = self.read(off, n * 8, what)?;
+        Ok(b.chunks_exact(8)
+            .map(|c| crate::format::be64(c, 0))
+            .collect())
+    }
+
+    /// Reads an L1 table (active or a snapshot's).
+    pub fn read_l1(&self, off: u64, n: u32) -> Result<Vec<u64>> {
+        let l1 = self.read_u64s(off, u64::from(n), "L1 table")?;
+        for e in &l1 {
+            let o = e & crate::format::OFFSET_MASK;
+            if !o.is_multiple_of(self.cs()) || o >= self.len {
+                return Err(self.corrupt(format!("L1 entry {e:#x} points outside the file")));
+            }
+        }
+        Ok(l1)
+    }
+
+    /// Reads an L2 table as raw 64-bit words.
+    pub fn read_l2(&self, off: u64) -> Result<Vec<u64>> {
+        self.read_u64s(off, self.cs() / 8, "L2 table")
+    }
+
+    /// The snapshot table and its length in bytes.
+    pub fn read_snapshots(&self) -> Result<(Vec<table::Entry>, u64)> {
+        let h = &self.header;
+        if h.nb_snapshots == 0 {
+            return Ok((Vec::new(), 0));
+        }
+        let cap = (self.len - h.snapshots_offset).min(MAX_SNAPSHOT_TABLE_BYTES);
+        let mut want = cap.min(64 * 1024);
+        loop {
+            let buf = self.read(h.snapshots_offset, want, "snapshot table")?;
+            let l1_max = crate::format::MAX_L1_ENTRIES;
+            if let Some((entries, used)) =
+                table::parse(&self.path, &buf, h.nb_snapshots, self.cs(), l1_max)?
+            {
+                return Ok((entries, used as u64));
+            }
+            if want == cap {
+                return Err(self
+                    .corrupt("snapshot table runs past the end of the file or QEMU's size limit"));
+            }
+            want = (want * 4).min(cap);
+        }
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.header.refcount_order
+    }
+
+    /// The refcount of every cluster of the file, and the offsets of the refcount blocks.
+    pub fn read_refcounts(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+        let cs = self.cs();
+        let nb = self.len.div_ceil(cs) as usize;
+        let bits = self.refcount_bits();
+        let epb = (cs * 8 / u64::from(bits)) as usize;
+        let rt = self.read_u64s(
+            self.header.refcount_table_offset,
+            u64::from(self.header.refcount_table_clusters) * cs / 8,
+            "refcount table",
+        )?;
+        let mut rc = vec![0u64; nb];
+        let mut blocks = Vec::new();
+        for (i, e) in rt.iter().enumerate() {
+            let off = e & !511;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 {
+                return Err(self.corrupt(format!("refcount block {off:#x} not cluster aligned")));
+            }
+            blocks.push(off);
+            let first = i.saturating_mul(epb);
+            if first >= nb {
+                continue;
+            }
+            let block = self.read(off, cs, "refcount block")?;
+            for j in 0..epb.min(nb - first) {
+                rc[first + j] = get_refcount(&block, j, bits);
+            }
+        }
+        Ok((rc, blocks))
+    }
+}
+
+pub fn get_refcount(block: &[u8], j: usize, bits: u32) -> u64 {
+    if bits >= 8 {
+        let n = (bits / 8) as usize;
+        block[j * n..j * n + n]
+            .iter()
+            .fold(0u64, |a, b| (a << 8) | u64::from(*b))
+    } else {
+        let bit = j * bits as usize;
+        (u64::from(block[bit / 8]) >> (bit % 8)) & ((1 << bits) - 1)
+    }
+}
+
+pub fn set_refcount(block: &mut [u8], j: usize, bits: u32, v: u64) {
+    if bits >= 8 {
+        let n = (bits / 8) as usize;
+        let be = v.to_be_bytes();
+        block[j * n..j * n + n].copy_from_slice(&be[8 - n..]);
+    } else {
+        let bit = j * bits as usize;
+        let mask = ((1u16 << bits) - 1) as u8;
+        let b = &mut block[bit / 8];
+        *b = (*b & !(mask << (bit % 8))) | (((v as u8) & mask) << (bit % 8));
+    }
+}
+
+/// A metadata change in progress: see the module documentation.
+#[derive(Debug)]
+pub struct Txn<'a> {
+    pub img: &'a Image,
+    old: Vec<u64>,
+    old_blocks: Vec<u64>,
+    pub new: Vec<u64>,
+    writes: Vec<(u64, Vec<u8>, &'static str)>,
+    cursor: usize,
+    l2_cache: HashMap<u64, Rc<Vec<u64>>>,
+}
+
+impl<'a> Txn<'a> {
+    pub fn begin(img: &'a Image) -> Result<Txn<'a>> {
+        let (old, old_blocks) = img.read_refcounts()?;
+        let new = old.clone();
+        Ok(Txn {
+            img,
+            old,
+            old_blocks,
+            new,
+            writes: Vec::new(),
+            cursor: 1,
+            l2_cache: HashMap::new(),
+        })
+    }
+
+    fn is_free(&self, c: usize) -> bool {
+        c > 0
+            && self.old.get(c).copied().unwrap_or(0) == 0
+            && self.new.get(c).copied().unwrap_or(0) == 0
+    }
+
+    /// Allocates `n` contiguous fresh clusters (refcount 0 before and after) and gives them
+    /// refcount 1. Returns the byte offset.
+    pub fn alloc(&mut self, n: usize) -> u64 {
+        let mut c = self.cursor.max(1);
+        'outer: loop {
+            for k in 0..n {
+                if !self.is_free(c + k) {
+                    c += k + 1;
+                    continue 'outer;
+                }
+            }
+            break;
+        }
+        if self.new.len() < c + n {
+            self.new.resize(c + n, 0);
+        }
+        for k in 0..n {
+            self.new[c + k] = 1;
+        }
+        self.cursor = c + n;
+        c as u64 * self.img.cs()
+    }
+
+    /// Adds `delta` to the refcount of the cluster holding byte `off`.
+    pub fn add(&mut self, off: u64, delta: i64) -> Result<()> {
+        let c = (off / self.img.cs()) as usize;
+        if off >= self.img.len {
+            return Err(self
+                .img
+                .corrupt(format!("reference to {off:#x} beyond end of file")));
+        }
+        if self.new.len() <= c {
+            self.new.resize(c + 1, 0);
+        }
+        self.new[c] = self.new[c].checked_add_signed(delta).ok_or_else(|| {
+            self.img
+                .corrupt(format!("refcount of cluster {off:#x} would drop below 0"))
+        })?;
+        Ok(())
+    }
+
+    /// Adds `delta` to every cluster overlapping bytes `start..end`.
+    pub fn add_range(&mut self, start: u64, end: u64, delta: i64) -> Result<()> {
+        let cs = self.img.cs();
+        let mut c = start / cs;
+        while c * cs < end {
+            self.add(c * cs, delta)?;
+            c += 1;
+        }
+        Ok(())
+    }
+
+    pub fn refcount(&self, off: u64) -> u64 {
+        self.new
+            .get((off / self.img.cs()) as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Reads an existing L2 table (cached for the transaction).
+    pub fn l2(&mut self, off: u64) -> Result<Rc<Vec<u64>>> {
+        if let Some(t) = self.l2_cache.get(&off) {
+            return Ok(Rc::clone(t));
+        }
+        let t = Rc::new(self.img.read_l2(off)?);
+        self.l2_cache.insert(off, Rc::clone(&t));
+        Ok(t)
+    }
+
+    /// Adds or removes one path L1 entry → L2 table: the L2 table and every cluster it maps
+    /// change refcount by `delta` (refcounts count paths, as QEMU does).
+    pub fn add_l2_path(&mut self, l1_entry: u64, delta: i64) -> Result<()> {
+        let l2_off = l1_entry & crate::format::OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok(());
+        }
+        self.add(l2_off, delta)?;
+        let t = self.l2(l2_off)?;
+        let stride = (self.img.header.l2_entry_bytes() / 8) as usize;
+        let bits = self.img.header.cluster_bits;
+        for e in t.iter().step_by(stride) {
+            match l2_ref(*e, bits).map_err(|w| self.img.corrupt(w))? {
+                L2Ref::None => {}
+                L2Ref::Standard(o) => self.add(o, delta)?,
+                L2Ref::Compressed { start, end } => self.add_range(start, end, delta)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a write of fresh clusters.
+    pub fn write(&mut self, off: u64, data: Vec<u8>, step: &'static str) {
+        self.writes.push((off, data, step));
+    }
+
+    /// Writes a table of u64 into freshly allocated clusters; returns its offset.
+    pub fn write_u64s(&mut self, words: &[u64], step: &'static str) -> u64 {
+        let cs = self.img.cs();
+        let bytes = (words.len() as u64 * 8).max(1).div_ceil(cs) * cs;
+        let off = self.alloc((bytes / cs) as usize);
+        let mut buf = vec![0u8; bytes as usize];
+        for (i, w) in words.iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
+        }
+        self.write(off, buf, step);
+        off
+    }
+
+    /// Frees (refcount −1) the clusters of a table of `bytes` bytes at `off`.
+    pub fn free_table(&mut self, off: u64, bytes: u64) -> Result<()> {
+        if off == 0 || bytes == 0 {
+            return Ok(());
+        }
+        self.add_range(off, off + bytes, -1)
+    }
+
+    /// Builds the new refcount structure, writes everything, and switches the header to
+    /// `header` (whose refcount table fields are filled in here).
+    pub fn commit(mut self, mut header: Header) -> Result<()> {
+        let img = self.img;
+        let cs = img.cs();
+        let bits = img.refcount_bits();
+        let max = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let epb = (cs * 8 / u64::from(bits)) as usize;
+        // The old refcount structures are free after the switch.
+        let h = &img.header;
+        self.free_table(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        )?;
+        for b in std::mem::take(&mut self.old_blocks) {
+            self.add(b, -1)?;
+        }
+        let mut blocks: BTreeMap<usize, u64> = BTreeMap::new();
+        let (mut rt_off, mut rt_clusters) = (0u64, 0usize);
+        loop {
+            let top = self.new.iter().rposition(|v| *v != 0).map_or(0, |p| p + 1);
+            let mut changed = false;
+            for b in 0..top.div_ceil(epb) {
+                if !blocks.contains_key(&b)
+                    && self.new[b * epb..((b + 1) * epb).min(top)]
+                        .iter()
+                        .any(|v| *v != 0)
+                {
+                    let off = self.alloc(1);
+                    blocks.insert(b, off);
+                    changed = true;
+                }
+            }
+            let entries = blocks.keys().next_back().map_or(1, |b| b + 1);
+            let need = (entries as u64 * 8).div_ceil(cs) as usize;
+            if need > rt_clusters {
+                if rt_clusters > 0 {
+                    for k in 0..rt_clusters {
+                        self.new[(rt_off / cs) as usize + k] = 0;
+                    }
+                }
+                rt_clusters = need + 1;
+                rt_off = self.alloc(rt_clusters);
+                changed = true;
+            }
+            if !changed {
+                break;
+            }
+        }
+        if let Some(c) = self.new.iter().position(|v| *v > max) {
+            return Err(Error::Unsupported {
+                path: img.path.clone(),
+                what: format!(
+                    "refcount of cluster {:#x} would exceed {bits}-bit refcounts; \
+                     `qemu-img amend -o refcount_bits=16` widens them",
+                    c as u64 * cs
+                ),
+            });
+        }
+        let mut rt = vec![0u8; rt_clusters * cs as usize];
+        let mut rb_writes = Vec::with_capacity(blocks.len());
+        for (&b, &off) in &blocks {
+            rt[b * 8..b * 8 + 8].copy_from_slice(&off.to_be_bytes());
+            let mut block = vec![0u8; cs as usize];
+            for j in 0..epb {
+                match self.new.get(b * epb + j) {
+                    Some(v) => set_refcount(&mut block, j, bits, *v),
+                    None => break,
+                }
+            }
+            rb_writes.push((off, block));
+        }
+        header.refcount_table_offset = rt_off;
+        header.refcount_table_clusters = rt_clusters as u32;
+        // Autoclear features this crate does not maintain (bitmaps) become invalid.
+        header.autoclear = 0;
+
+        let path = &img.path;
+        let mut last = "";
+        for (off, data, step) in &self.writes {
+            if *step != last {
+                failpoint(step)?;
+                last = step;
+            }
+            img.file
+                .write_all_at(data, *off)
+                .map_err(io("write new metadata", path))?;
+        }
+        failpoint("disk::internal::write_refcounts")?;
+        for (off, data) in &rb_writes {
+            img.file
+                .write_all_at(data, *off)
+                .map_err(io("write refcount block", path))?;
+        }
+        img.file
+            .write_all_at(&rt, rt_off)
+            .map_err(io("write refcount table", path))?;
+        failpoint("disk::internal::sync_new")?;
+        img.file
+            .sync_all()
+            .map_err(io("fsync new metadata", path))?;
+        failpoint("disk::internal::write_header")?;
+        let (at, bytes) = header.commit_bytes();
+        img.file
+            .write_all_at(&bytes, at)
+            .map_err(io("write header (commit)", path))?;
+        failpoint("disk::internal::sync_header")?;
+        img.file.sync_all().map_err(io("fsync header", path))?;
+        Ok(())
+    }
+}
+
+/// Stops the operation here when the failpoint `name` is armed (feature `failpoints`).
+#[allow(unused_variables)]
+pub fn failpoint(name: &'static str) -> Result<()> {
+    fail::fail_point!(name, |_| Err(Error::FailPoint(name)));
+    Ok(())
+}
