@@ -331,3 +331,64 @@ fn long_names_and_idle_workload() {
     wait_counter(&host, &name, 5);
     host.destroy(&name).expect("destroy");
 }
+
+#[test]
+fn a_failed_start_leaves_the_domain_shut_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    host(tmp.path()).define("f", MIB, &[MIB]).expect("define");
+    let broken = SimHost::open(tmp.path())
+        .expect("open")
+        .with_guest_exe("/bin/false");
+    let err = broken
+        .start("f", false)
+        .expect_err("a guest that exits at once");
+    assert!(
+        matches!(err, Error::DeviceModel { .. }),
+        "{err:?} should name the guest"
+    );
+    assert_eq!(state(&broken, "f"), RunState::Shutoff);
+    let dir = tmp.path().join("sim/domains/f");
+    assert!(!dir.join("guest.pid").exists() && !dir.join("control.sock").exists());
+    let missing = SimHost::open(tmp.path())
+        .expect("open")
+        .with_guest_exe(tmp.path().join("no-such-exe"));
+    assert!(missing.start("f", false).is_err());
+    // The right executable still starts it.
+    let host = host(tmp.path());
+    host.start("f", true).expect("start");
+    host.destroy("f").expect("destroy");
+}
+
+#[test]
+fn a_stale_pid_file_naming_a_live_process_is_not_a_domain() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("p", MIB, &[MIB]).expect("define");
+    let dir = tmp.path().join("sim/domains/p");
+    // Our own pid: alive, but not holding the lock a guest holds.
+    std::fs::write(dir.join("guest.pid"), format!("{}\n", std::process::id())).expect("pid");
+    std::fs::write(dir.join("control.sock"), b"").expect("sock");
+    assert_eq!(state(&host, "p"), RunState::Shutoff);
+    host.destroy("p").expect("destroy kills nobody");
+    assert!(!dir.join("guest.pid").exists(), "stale files cleaned");
+    std::fs::write(dir.join("guest.pid"), format!("{}\n", std::process::id())).expect("pid");
+    host.start("p", false).expect("start over stale files");
+    assert_eq!(state(&host, "p"), RunState::Running);
+    host.destroy("p").expect("destroy");
+}
+
+#[test]
+fn define_over_a_leftover_directory_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    let domains = tmp.path().join("sim/domains");
+    std::fs::create_dir_all(domains.join("x")).expect("mkdir");
+    std::fs::write(domains.join("x/junk"), b"junk").expect("junk");
+    assert!(host.define("x", MIB, &[MIB]).is_err());
+    let entries: Vec<String> = std::fs::read_dir(&domains)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries, ["x"], "no work directory left behind");
+    assert!(host.domains().expect("domains").is_empty());
+}
