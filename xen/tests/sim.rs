@@ -1,7 +1,7 @@
 //! The simulated host with real guest processes and real qcow2 images: the `Host` contract,
 //! then what only the simulation promises (the counter workload, detachment, stale state).
 
-use std::io::{BufRead, BufReader, Cursor};
+use std::io::{BufRead, BufReader, Cursor, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -242,13 +242,15 @@ fn guest_outlives_the_command_that_started_it() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn starter");
+    let mut out = BufReader::new(starter.stdout.take().expect("stdout"));
     let mut line = String::new();
-    BufReader::new(starter.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read starter");
+    out.read_line(&mut line).expect("read starter");
     assert_eq!(line.trim(), "started");
     starter.kill().expect("kill -9 the starter");
     starter.wait().expect("reap the starter");
+    // The guest holds none of the starter's descriptors: its stdout pipe reaches EOF.
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read to EOF");
 
     assert_eq!(state(&host, "k"), RunState::Running);
     let n = host.memory_counter("k").expect("counter");
@@ -391,4 +393,32 @@ fn define_over_a_leftover_directory_leaves_nothing_behind() {
         .collect();
     assert_eq!(entries, ["x"], "no work directory left behind");
     assert!(host.domains().expect("domains").is_empty());
+}
+
+#[test]
+fn sigterm_shuts_the_guest_down_gracefully() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("t", MIB, &[8 * MIB]).expect("define");
+    host.start("t", false).expect("start");
+    wait_counter(&host, "t", 10);
+    let pid = guest_pid(&host, "t");
+    for signal in ["-HUP", "-TERM"] {
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        if signal == "-HUP" {
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(state(&host, "t"), RunState::Running, "SIGHUP is ignored");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&host, "t") != RunState::Shutoff {
+        assert!(Instant::now() < deadline, "SIGTERM did not shut it down");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_consistent(&host, "t");
+    qemu_img_check(&xvda(&host, "t"));
 }

@@ -10,6 +10,8 @@
 //! - a **control server** on `control.sock` (see [`control`](super::control)), one thread per
 //!   connection.
 //!
+//! SIGTERM and SIGINT shut the guest down gracefully (as `quit`); SIGHUP is ignored.
+//!
 //! The guest always boots paused; the host unpauses it when asked to start it running. It
 //! holds an exclusive `flock` on `guest.pid` for its whole life: that lock, not the pid, is
 //! what says the domain is active. If the vCPU's I/O fails the guest logs it and exits with
@@ -111,6 +113,8 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
         .map_err(|e| format!("read memory: {e}"))?;
     let n = u64::from_le_bytes(first);
 
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = block_signals()?;
     let dm = DeviceModel::open(&config, &dir)?;
     let guest = Arc::new(Guest {
         vcpu: Vcpu::new(n),
@@ -130,6 +134,13 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
             .name("vcpu0".into())
             .spawn(move || guest.vcpu_loop())
             .map_err(|e| format!("spawn vCPU thread: {e}"))?;
+    }
+    {
+        let guest = Arc::clone(&guest);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || guest.wait_signals(signals))
+            .map_err(|e| format!("spawn signal thread: {e}"))?;
     }
     log(&format!(
         "domain {name} booted paused, workload {}, n = {n}",
@@ -151,6 +162,31 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
         }
     }
     Err("control socket closed".into())
+}
+
+/// The signals the guest handles in its `signals` thread: SIGTERM and SIGINT shut it down
+/// gracefully (as `quit`), SIGHUP is ignored (the guest outlives a closed terminal).
+#[derive(Debug, Clone, Copy)]
+struct Signals(libc::sigset_t);
+
+fn block_signals() -> GuestResult<Signals> {
+    // SAFETY: sigemptyset/sigaddset initialise the set we own; pthread_sigmask changes only
+    // the calling thread's mask (no other thread exists yet).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(format!(
+                "block signals: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ));
+        }
+        Ok(Signals(set))
+    }
 }
 
 /// Takes the exclusive lock on `guest.pid` (retrying briefly: a host-side liveness check
@@ -492,6 +528,42 @@ impl Guest {
         }
     }
 
+    /// Waits for the blocked signals: SIGTERM and SIGINT shut the domain down as `quit`
+    /// does; SIGHUP is logged and ignored.
+    fn wait_signals(&self, signals: Signals) {
+        loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: sigwait reads the initialised set and writes one int we own.
+            let rc = unsafe { libc::sigwait(&signals.0, &mut signal) };
+            if rc != 0 {
+                log(&format!(
+                    "sigwait: {}",
+                    std::io::Error::from_raw_os_error(rc)
+                ));
+                return;
+            }
+            if signal == libc::SIGHUP {
+                log("SIGHUP ignored");
+                continue;
+            }
+            log(&format!("signal {signal}: shutting down"));
+            match self.handle(&Request::Quit) {
+                Ok(_) => {
+                    self.remove_control_files();
+                    log("shut down");
+                    std::process::exit(0);
+                }
+                Err(e) => log(&format!("graceful shutdown failed: {e}")),
+            }
+        }
+    }
+
+    /// Makes the domain shut off in the host's eyes: no socket, no pid file.
+    fn remove_control_files(&self) {
+        let _ = std::fs::remove_file(self.dir.socket());
+        let _ = std::fs::remove_file(self.dir.pid_file());
+    }
+
     fn serve(&self, stream: UnixStream) {
         let mut reader = BufReader::new(&stream);
         let mut line = String::new();
@@ -516,8 +588,7 @@ impl Guest {
             let quit = matches!(request, Ok(Request::Quit)) && response.ok;
             if quit {
                 // Gone from the host's view before we answer: no new connection, no pid.
-                let _ = std::fs::remove_file(self.dir.socket());
-                let _ = std::fs::remove_file(self.dir.pid_file());
+                self.remove_control_files();
             }
             let mut text = serde_json::to_string(&response)
                 .unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable answer"}"#.to_owned());

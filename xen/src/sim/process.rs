@@ -178,7 +178,8 @@ pub(crate) fn spawn_guest(
         .open(&log_path)
         .map_err(Error::io("open", &log_path))?;
     let log2 = log.try_clone().map_err(Error::io("dup", &log_path))?;
-    Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg(GUEST_ARG)
         .arg(state_dir)
         .arg(name)
@@ -186,9 +187,23 @@ pub(crate) fn spawn_guest(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
-        .process_group(0)
-        .spawn()
-        .map_err(Error::io("spawn guest", exe))
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child, after its stdio is set up and before
+    // exec; it makes one async-signal-safe system call and touches no memory of the parent.
+    // Closing every other descriptor keeps the guest from holding the caller's pipes,
+    // sockets or locks that were not opened close-on-exec (ENOSYS on old kernels: ignored).
+    unsafe {
+        command.pre_exec(|| {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
+            Ok(())
+        });
+    }
+    command.spawn().map_err(Error::io("spawn guest", exe))
 }
 
 /// Polls `ready` until it gives Some, the child exits, or [`START_TIMEOUT`] passes.
