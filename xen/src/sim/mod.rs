@@ -1,6 +1,6 @@
 //! The simulated Xen host, kept in a state directory: domsnap's default host.
 //!
-//! A domain is a directory `<state_dir>/sim/domains/<name>/` (layout in [`config`]'s header):
+//! A domain is a directory `<state_dir>/sim/domains/<name>/` (layout in `config.rs`):
 //! a raw memory file, qcow2 disks and `domain.json`. An active (running or paused) domain is
 //! a **guest process** ([`guest_main`]): a vCPU thread that changes memory and disks, and a
 //! device model that owns the disk images and answers on a control socket, as QEMU does for
@@ -13,6 +13,14 @@
 //! executable. A binary that may serve as `<exe>` must call [`guest_main_from_args`] (or
 //! [`guest_main`]) when its first argument is [`GUEST_ARG`]; the `domsnap` binary does, and so
 //! does this crate's `sim-guest` binary (used by tests).
+//!
+//! **Workloads.** What the vCPU does is a [`Workload`] kept in `domain.json`:
+//! [`SimHost::define`] defines a [`Workload::Counter`] domain,
+//! [`SimHost::define_with_workload`] takes one, [`SimHost::set_workload`] changes it for the
+//! next start (`domsnap domain define|start NAME --workload counter|idle`). With `counter`,
+//! memory offset 0 holds `m` and `xvda` offset 0 holds `m` or `m + 1` whenever the domain is
+//! paused ([`SimHost::memory_counter`] reads `m`); the vCPU sleeps [`VCPU_PERIOD`] between
+//! iterations (about 2,000 per second, a few percent of a core).
 //!
 //! **State.** A domain is active exactly while a guest process holds the `flock` on its
 //! `guest.pid`; then its state is what the guest answers (`running` / `paused`). No lock
@@ -325,7 +333,7 @@ impl SimHost {
         Ok(())
     }
 
-    /// The image of disk `target` and the host lock of the domain.
+    /// The image file of disk `target` (NoSuchDisk if the domain has none).
     fn disk_path(&self, dir: &DomainDir, name: &str, target: &str) -> Result<PathBuf> {
         let config = DomainConfig::load(dir)?;
         if config.name != name {
