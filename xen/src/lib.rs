@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub mod contract;
 mod error;
 pub mod sim;
+#[cfg(feature = "xen")]
+pub mod xenhost;
 
 pub use error::{Error, Result};
 

@@ -1,0 +1,165 @@
+//! A small QMP client for the device model's monitor socket (`/run/xen/qmp-libxl-DOMID`).
+//!
+//! Protocol: the server greets with `{"QMP": {...}}`; the client sends `qmp_capabilities`
+//! and then one command at a time as `{"execute": .., "arguments": .., "id": N}`; each command
+//! gets `{"return": .., "id": N}` or `{"error": {"class": .., "desc": ..}, "id": N}`.
+//! Asynchronous `{"event": ..}` messages may come at any point and are skipped.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Why a QMP exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QmpError {
+    /// The socket could not be used.
+    #[error("QMP socket {0}")]
+    Io(String, #[source] std::io::Error),
+    /// No answer in time.
+    #[error("no QMP answer within {0:?} ({1})")]
+    Timeout(Duration, &'static str),
+    /// The peer does not speak QMP.
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    /// The command was refused.
+    #[error("{command}: {class}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// QMP error class.
+        class: String,
+        /// Its description.
+        desc: String,
+    },
+}
+
+/// An open, negotiated QMP session.
+#[derive(Debug)]
+pub(crate) struct Qmp {
+    stream: BufReader<UnixStream>,
+    next_id: u64,
+    timeout: Duration,
+}
+
+/// The longest line we accept from the server.
+const MAX_LINE: usize = 16 << 20;
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities; each step within `timeout`.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let io_err = |e| QmpError::Io(socket.display().to_string(), e);
+        let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
+            .await
+            .map_err(|_| QmpError::Timeout(timeout, "connect"))?
+            .map_err(io_err)?;
+        let mut qmp = Qmp {
+            stream: BufReader::new(stream),
+            next_id: 1,
+            timeout,
+        };
+        let greeting = qmp.read_message("greeting").await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments` and returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        tokio::time::timeout(
+            self.timeout,
+            self.stream.get_mut().write_all(line.as_bytes()),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout(self.timeout, "send"))?
+        .map_err(|e| QmpError::Io("write".into(), e))?;
+        loop {
+            let reply = self.read_message("reply").await?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if reply.get("id") != Some(&json!(id)) {
+                // An answer to someone else's command (ids are ours alone): not expected, skip.
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(QmpError::Command {
+                    command: command.into(),
+                    class: field("class"),
+                    desc: field("desc"),
+                });
+            }
+            return Err(QmpError::Protocol(format!("unexpected reply {reply}")));
+        }
+    }
+
+    async fn read_message(&mut self, what: &'static str) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = tokio::time::timeout(
+                self.timeout,
+                (&mut self.stream)
+                    .take(MAX_LINE as u64)
+                    .read_line(&mut line),
+            )
+            .await
+            .map_err(|_| QmpError::Timeout(self.timeout, what))?
+            .map_err(|e| QmpError::Io("read".into(), e))?;
+            if n == 0 {
+                return Err(QmpError::Protocol(format!(
+                    "connection closed before the {what}"
+                )));
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            return serde_json::from_str(line.trim())
+                .map_err(|e| QmpError::Protocol(format!("bad JSON {:?}: {e}", line.trim())));
+        }
+    }
+}
+
+/// Runs `commands` in one session on `socket` (a fresh single-threaded runtime, as XenHost is
+/// synchronous) and returns their results in order.
+pub(crate) fn run(
+    socket: &Path,
+    timeout: Duration,
+    commands: &[(&str, Option<Value>)],
+) -> Result<Vec<Value>, QmpError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| QmpError::Io("runtime".into(), e))?;
+    rt.block_on(async {
+        let mut qmp = Qmp::connect(socket, timeout).await?;
+        let mut out = Vec::new();
+        for (cmd, args) in commands {
+            out.push(qmp.execute(cmd, args.clone()).await?);
+        }
+        Ok(out)
+    })
+}
