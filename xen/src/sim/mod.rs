@@ -33,6 +33,7 @@
 
 mod config;
 mod control;
+mod fake;
 mod guest;
 mod process;
 
@@ -46,6 +47,7 @@ use std::time::{Duration, Instant};
 pub use config::{
     validate_memory, validate_name, Workload, MAX_DISKS, MAX_NAME_LEN, MIN_MEMORY_BYTES, PAGE_SIZE,
 };
+pub use fake::{FakeHost, FakeOp};
 pub use guest::{guest_main, guest_main_from_args, VCPU_PERIOD};
 pub use process::GUEST_ARG;
 
