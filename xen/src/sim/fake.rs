@@ -54,7 +54,9 @@ struct Inner {
     failures: BTreeMap<FakeOp, u32>,
 }
 
-/// A deterministic in-process host; see the [module docs](self).
+/// A deterministic in-process host: real qcow2 disks in a caller's directory, memory in
+/// this process, no guest process; the `counter` vCPU advances only in [`FakeHost::step`],
+/// and [`FakeHost::fail_next`] makes an operation fail once before it has any effect.
 #[derive(Debug)]
 pub struct FakeHost {
     dir: PathBuf,
