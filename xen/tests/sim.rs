@@ -422,3 +422,33 @@ fn sigterm_shuts_the_guest_down_gracefully() {
     assert_consistent(&host, "t");
     qemu_img_check(&xvda(&host, "t"));
 }
+
+#[test]
+fn concurrent_starts_boot_one_guest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("two", MIB, &[MIB]).expect("define");
+    let results: Vec<xen::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let host = host.clone();
+                s.spawn(move || host.start("two", false))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    for r in results.iter().filter(|r| r.is_err()) {
+        assert!(matches!(r, Err(Error::WrongState { .. })), "{r:?}");
+    }
+    assert_eq!(state(&host, "two"), RunState::Running);
+    host.destroy("two").expect("destroy");
+    assert_eq!(state(&host, "two"), RunState::Shutoff);
+}
