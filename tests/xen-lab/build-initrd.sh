@@ -53,6 +53,8 @@ add_bin xdm/usr/bin/qemu-img /usr/bin/qemu-img
 KM=/usr/share/qemu/keymaps; [ -f $KM/en-us ] || KM=$H/usr/share/qemu/keymaps
 [ -f $KM/en-us ] || { echo "xen-lab: ERROR: no QEMU keymaps (qemu-system-data)" >&2; exit 1; }
 cp -a $KM $R/usr/share/qemu/
+# debug information only makes the initrd big: strip a copy
+if command -v strip >/dev/null; then strip -o "$LAB/domsnap.stripped" "$DOMSNAP_BIN" && DOMSNAP_BIN=$LAB/domsnap.stripped; fi
 add_bin "$DOMSNAP_BIN" /usr/bin/domsnap
 for e in ${EXTRA_BINS:-}; do add_bin "${e%%:*}" "${e#*:}"; done
 for m in drivers/xen/xen-privcmd.ko drivers/xen/xenfs/xenfs.ko drivers/xen/xen-evtchn.ko \

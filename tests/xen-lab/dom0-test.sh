@@ -1,0 +1,97 @@
+#!/bin/sh
+# The Xen lab test, run inside dom0 by dom0-init.sh. Drives `domsnap --host xen` against a PV
+# domU ("domd") whose init keeps a counter in sector 0 of its qcow2 disk and in memory, and logs
+# "DOMU tick N ... disk read=R ok|MISMATCH(expected=M) wrote=W" every 2 s (MISMATCH: the disk
+# does not hold what this memory last wrote, e.g. memory restored onto a disk not reverted).
+# Writes everything to /mnt/results.txt; one "CHECK <name>: PASS|FAIL" line per check.
+# /mnt/test.env (optional, sourced) may set SKIP_CRASH=1 (domsnap built without failpoints).
+exec > /mnt/results.txt 2>&1
+[ -f /mnt/test.env ] && . /mnt/test.env
+S=/var/lib/domsnap; IMG=/var/lib/images/domd.qcow2; CFG=/root/domd.cfg
+GL=/var/log/xen/console/guest-domd.log
+FP=engine::create::after-save-memory
+t() { echo "T+$(cut -d' ' -f1 /proc/uptime)s: $*"; }
+check() { if [ "$2" = 0 ]; then echo "CHECK $1: PASS"; else echo "CHECK $1: FAIL"; fi; }
+D() { t "domsnap $*"; domsnap --host xen --state $S "$@"; local rc=$?; echo "[rc=$rc]"; return $rc; }
+ticks() { local n; n=$(grep -c 'DOMU tick' $GL 2>/dev/null); echo ${n:-0}; }
+waitticks() { local want=$(( $(ticks) + $1 )) i=0; while [ $(ticks) -lt $want ] && [ $i -lt ${2:-120} ]; do sleep 1; i=$((i+1)); done; }
+lastcnt() { grep 'DOMU tick' $GL | tail -1 | sed -n 's/.*wrote=\([0-9]*\).*/\1/p'; }
+firstread() { grep 'DOMU tick' $GL | head -1 | sed -n 's/.*disk read=\([0-9]*\).*/\1/p'; }
+mism() { local n; n=$(grep -c MISMATCH $GL 2>/dev/null); echo ${n:-0}; }
+xlstate() { xl list domd 2>/dev/null | awk '$1=="domd"{print $5}'; }   # e.g. -b----, --p---; empty: none
+running() { local s; s=$(xlstate); [ -n "$s" ] && ! echo "$s" | grep -q p; }
+paused() { xlstate | grep -q p; }
+waitdm() { for i in $(seq 1 150); do ps | grep -v grep | grep -q xen-qemu-system || return 0; sleep 0.2; done; echo "device model still running"; }
+tags() { qemu-img snapshot -l -U $IMG | awk 'NR>2{print $2}' | sed 's/@.*//' | sort -u | tr '\n' ' '; }
+names() { domsnap --host xen --state $S --json list domd 2>/dev/null | tr ',{}[]' '\n\n\n\n\n' | sed -n 's/^ *"name" *: *"\([^"]*\)".*/\1/p' | grep -vx domd | sort -u | tr '\n' ' '; }
+
+t start; mkdir -p /var/lib/images $S
+qemu-img create -q -f qcow2 $IMG 64M
+xl create $CFG; echo "xl create rc=$?"; waitticks 3 180; t "domU up"; tail -1 $GL
+check "domU runs with its qcow2 disk" $(( $(ticks) < 3 || $(mism) > 0 ))
+
+t "=== checkpoint c1 of the running domain"
+B=$(lastcnt); D create domd c1; R=$?; A=$(lastcnt); echo "counter before/after create: $B/$A"
+check "create c1 (running)" $(( R != 0 ))
+check "domain runs again after create" $(running; echo $?)
+echo "qcow2 snapshots: $(tags)"
+check "c1 in the qcow2 snapshot table" $(tags | grep -qw c1; echo $?)
+
+t "=== let the counter advance"; waitticks 4 90; C2=$(lastcnt); echo "counter now $C2"
+
+t "=== revert to c1"
+: > $GL
+D revert domd c1; R=$?
+check "revert c1" $(( R != 0 ))
+waitticks 3 120; t "after revert"; head -2 $GL; tail -1 $GL
+F=$(firstread); echo "first read after revert: $F (checkpoint between $B and $A; before revert $C2)"
+check "domain runs after revert" $(running; echo $?)
+check "domU continues from the checkpoint counter" $(( ${F:-999999} < B || ${F:-999999} > A + 1 || $(ticks) < 3 ))
+check "no MISMATCH after revert" $(mism)
+
+t "=== disk-only snapshot of the destroyed domain"
+xl destroy domd; waitdm
+D create domd d1 --disk-only; R=$?
+check "create d1 --disk-only (destroyed domain)" $(( R != 0 ))
+echo "qcow2 snapshots: $(tags)"
+check "d1 in the qcow2 snapshot table" $(tags | grep -qw d1; echo $?)
+
+t "=== delete c1"
+D delete domd c1; R=$?
+check "delete c1" $(( R != 0 ))
+check "c1 gone from the qcow2 snapshot table" $(tags | grep -qw c1; echo $(( $? == 0 )))
+
+t "=== list and history"
+D --json list domd > /tmp/list.json; R=$?; cat /tmp/list.json; echo
+check "list --json" $(( R != 0 || $(grep -c '"d1"' /tmp/list.json) == 0 ))
+check "catalog matches the qcow2 snapshot table" $([ "$(names)" = "$(tags)" ]; echo $?)
+echo "catalog: [$(names)] qcow2: [$(tags)]"
+D --json history > /tmp/history.json; R=$?; head -c 3000 /tmp/history.json; echo
+check "history --json" $(( R != 0 || $(grep -c revert /tmp/history.json) == 0 ))
+
+if [ "${SKIP_CRASH:-0}" != 1 ]; then
+t "=== crash: kill -9 between xl save -p and the disk snapshot"
+: > $GL; xl create $CFG; waitticks 3 180; t "domU up again"
+FAILPOINTS="$FP=sleep(60000)" domsnap --host xen --state $S create domd k1 > /tmp/k1.out 2>&1 &
+P=$!; hit=1
+for i in $(seq 1 600); do
+  # saved and waiting at the failpoint: domain paused and no xl save left
+  if paused && ! ps | grep -v grep | grep -q 'xl save'; then sleep 2
+    paused && ! ps | grep -v grep | grep -q 'xl save' && kill -0 $P 2>/dev/null && { hit=0; break; }; fi
+  kill -0 $P 2>/dev/null || break
+  sleep 0.5
+done
+t "killing domsnap (pid $P) with the domain $(xlstate)"; kill -9 $P; wait $P 2>/dev/null; cat /tmp/k1.out
+check "crash window reached (domain paused after xl save -p)" $hit
+echo "qcow2 snapshots after the crash: $(tags)"
+D recover; R=$?
+check "recover after kill -9" $(( R != 0 ))
+sleep 2; waitticks 2 60
+check "domain runs again after recovery" $(running; echo $?)
+echo "catalog: [$(names)] qcow2: [$(tags)]"
+check "catalog matches the qcow2 snapshot table after the crash" $([ "$(names)" = "$(tags)" ]; echo $?)
+check "no MISMATCH after the crash" $(mism)
+D --json history > /tmp/history.json; tail -c 1500 /tmp/history.json; echo
+fi
+t end
+grep CHECK /mnt/results.txt
