@@ -286,7 +286,14 @@ fn a_killed_guest_is_shut_off_and_starts_again() {
     host.start("s", false).expect("start after kill");
     let n = host.memory_counter("s").expect("counter");
     wait_counter(&host, "s", n + 5);
+    let pid = guest_pid(&host, "s");
     host.destroy("s").expect("destroy");
+    // Our child, yet no zombie: the host collects its exit status in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "guest {pid} left as a zombie");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(matches!(
         host.pause("s"),
         Err(Error::WrongState {

@@ -330,8 +330,7 @@ impl SimHost {
             let _ = process::remove_stale_files(dir);
             return Err(e);
         }
-        // Not waited for: the guest outlives this process.
-        drop(child);
+        process::detach(child);
         Ok(())
     }
 

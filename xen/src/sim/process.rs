@@ -1,5 +1,8 @@
 //! Guest processes seen from the host: liveness, spawning, killing, and the host-side lock.
 //!
+//! Guests are detached: own process group, no inherited descriptors, never waited for by
+//! the command that started them (a background thread collects their exit status).
+//!
 //! A guest is alive exactly while it holds an exclusive `flock` on its `guest.pid` (the
 //! kernel drops the lock when the process dies, even by `kill -9`, and a reused pid holds no
 //! lock), so a stale pid file or socket never passes for a live domain.
@@ -107,7 +110,7 @@ pub(crate) fn remove_stale_files(dir: &DomainDir) -> Result<()> {
     Ok(())
 }
 
-/// Waits until no guest holds `dir` (bounded), reaping the process if it is our child.
+/// Waits until no guest holds `dir` (bounded).
 pub(crate) fn wait_gone(dir: &DomainDir, name: &str, pid: u32) -> Result<()> {
     let deadline = Instant::now() + EXIT_TIMEOUT;
     while live_guest(dir)?.is_some() {
@@ -119,28 +122,21 @@ pub(crate) fn wait_gone(dir: &DomainDir, name: &str, pid: u32) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    reap(pid);
     Ok(())
 }
 
-/// Collects the exit status of `pid` if it is a child of this process, so that a long-lived
-/// process (a test, `domsnap demo`) does not accumulate zombies. No-op otherwise.
-fn reap(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    if pid <= 0 {
-        return;
-    }
-    for _ in 0..100 {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
-        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if rc != 0 {
-            return; // reaped, or not our child (ECHILD)
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Lets a started guest go: nobody waits for it, except a background thread that collects
+/// its exit status whenever it exits, so that a long-lived process (a test, `domsnap demo`)
+/// does not accumulate zombies. The thread never delays this process's exit.
+pub(crate) fn detach(mut child: Child) {
+    let reaper = std::thread::Builder::new()
+        .name(format!("reap-guest-{}", child.id()))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    // Without the thread the child is a zombie once it exits, until this process exits.
+    drop(reaper);
 }
 
 /// Sends SIGKILL to `pid`. Ok if it is already gone.
