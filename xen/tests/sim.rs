@@ -459,3 +459,47 @@ fn concurrent_starts_boot_one_guest() {
     host.destroy("two").expect("destroy");
     assert_eq!(state(&host, "two"), RunState::Shutoff);
 }
+
+#[test]
+fn a_guest_that_never_answers_is_killed_with_its_children() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    host(tmp.path()).define("h", MIB, &[MIB]).expect("define");
+    let script = tmp.path().join("hang.sh");
+    let marker = tmp.path().join("child.pid");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nsleep 60 &\necho $! > {}\nwait\n",
+            marker.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let hanging = SimHost::open(tmp.path())
+        .expect("open")
+        .with_guest_exe(&script)
+        .with_start_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let err = hanging.start("h", false).expect_err("never answers");
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert_eq!(state(&hanging, "h"), RunState::Shutoff);
+    let child: i32 = std::fs::read_to_string(&marker)
+        .expect("marker")
+        .trim()
+        .parse()
+        .expect("pid");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{child}")).exists() {
+        // A zombie until init collects it is fine; a live `sleep` is not.
+        let status = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        if status.contains(") Z ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's child {child} survived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -74,6 +74,7 @@ pub struct SimHost {
     state_dir: PathBuf,
     domains_dir: PathBuf,
     guest_exe: Option<PathBuf>,
+    start_timeout: Duration,
 }
 
 impl SimHost {
@@ -88,6 +89,7 @@ impl SimHost {
             domains_dir: domains_dir(&state_dir),
             state_dir,
             guest_exe: None,
+            start_timeout: process::START_TIMEOUT,
         })
     }
 
@@ -95,6 +97,13 @@ impl SimHost {
     /// executable or [`GUEST_EXE_ENV`].
     pub fn with_guest_exe(mut self, exe: impl Into<PathBuf>) -> SimHost {
         self.guest_exe = Some(exe.into());
+        self
+    }
+
+    /// How long [`Host::start`] and [`Host::restore_memory`] wait for a new guest to answer
+    /// on its control socket before they kill it and fail (default 15 s).
+    pub fn with_start_timeout(mut self, timeout: Duration) -> SimHost {
+        self.start_timeout = timeout;
         self
     }
 
@@ -312,7 +321,7 @@ impl SimHost {
         let exe = self.guest_exe()?;
         let mut child = process::spawn_guest(&exe, &self.state_dir, name, dir)?;
         let socket = dir.socket();
-        let ready = process::wait_ready(&mut child, name, dir, || {
+        let ready = process::wait_ready(&mut child, name, dir, self.start_timeout, || {
             control::call(&socket, &Request::Status).ok()
         })
         .and_then(|_| {
@@ -325,8 +334,7 @@ impl SimHost {
             }
         });
         if let Err(e) = ready {
-            let _ = child.kill();
-            let _ = child.wait();
+            process::kill_failed_start(&mut child);
             let _ = process::remove_stale_files(dir);
             return Err(e);
         }

@@ -23,8 +23,8 @@ use super::config::DomainDir;
 /// Hidden first argument that makes a domsnap executable run as a simulated guest.
 pub const GUEST_ARG: &str = "__sim-guest";
 
-/// How long `start` waits for a new guest to answer on its control socket.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `start` waits for a new guest to answer on its control socket, by default.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long `destroy` and `shutdown` wait for a guest process to be gone.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,6 +139,17 @@ pub(crate) fn detach(mut child: Child) {
     drop(reaper);
 }
 
+/// Kills a guest that failed to start, with anything it started (its process group), and
+/// collects it.
+pub(crate) fn kill_failed_start(child: &mut Child) {
+    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill has no memory-safety preconditions; the child leads its own group.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Sends SIGKILL to `pid`. Ok if it is already gone.
 pub(crate) fn kill(pid: u32) -> std::io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
@@ -202,14 +213,15 @@ pub(crate) fn spawn_guest(
     command.spawn().map_err(Error::io("spawn guest", exe))
 }
 
-/// Polls `ready` until it gives Some, the child exits, or [`START_TIMEOUT`] passes.
+/// Polls `ready` until it gives Some, the child exits, or `timeout` passes.
 pub(crate) fn wait_ready<T>(
     child: &mut Child,
     name: &str,
     dir: &DomainDir,
+    timeout: Duration,
     mut ready: impl FnMut() -> Option<T>,
 ) -> Result<T> {
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(t) = ready() {
             return Ok(t);
@@ -231,7 +243,7 @@ pub(crate) fn wait_ready<T>(
             return Err(Error::DeviceModel {
                 domain: name.to_owned(),
                 message: format!(
-                    "guest process {} did not answer within {START_TIMEOUT:?}; {}",
+                    "guest process {} did not answer within {timeout:?}; {}",
                     child.id(),
                     log_tail(&dir.log())
                 ),
