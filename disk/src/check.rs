@@ -70,7 +70,7 @@ impl Walk<'_> {
 
     fn walk_l1(&mut self, off: u64, size: u32, active: bool, rc: &[u64]) {
         let cs = self.img.cs();
-        self.inc(off, off + u64::from(size) * 8, "L1 table");
+        self.inc(off, off.saturating_add(u64::from(size) * 8), "L1 table");
         let l1 = match self.img.read_u64s(off, u64::from(size), "L1 table") {
             Ok(t) => t,
             Err(e) => return self.report.corruption(e.to_string()),
@@ -161,7 +161,7 @@ fn run(path: &Path) -> Result<(CheckReport, Vec<u64>, Vec<u64>)> {
             if len > 0 {
                 w.inc(
                     h.snapshots_offset,
-                    h.snapshots_offset + len,
+                    h.snapshots_offset.saturating_add(len),
                     "snapshot table",
                 );
             }

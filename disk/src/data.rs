@@ -34,7 +34,14 @@ impl DataImage {
     /// Opens `path` for reading and writing.
     pub fn open(path: &Path) -> Result<Self> {
         // Refuse what the snapshot code refuses too, with this crate's errors.
-        crate::meta::Image::open(path, true)?;
+        let img = crate::meta::Image::open(path, true)?;
+        let h = &img.header;
+        if h.extended_l2() || h.incompatible & crate::format::INCOMPAT_COMPRESSION != 0 {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "guest I/O on images with extended L2 entries or zstd compression".into(),
+            });
+        }
         let qcow2 = Qcow2::<File>::builder_path(path)
             .write(true)
             .open(PermissiveImplicitOpenGate::default())

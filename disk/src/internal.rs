@@ -173,6 +173,9 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
     let mut snap_l1 = img.read_l1(snap.l1_table_offset, snap.l1_size)?;
     let new_size = snap.disk_size.unwrap_or(h.size);
     let l1_len = (snap_l1.len() as u64).max(h.l1_entries_for(new_size));
+    if l1_len > crate::format::MAX_L1_ENTRIES {
+        return Err(img.corrupt(format!("snapshot {name:?} has disk size {new_size}")));
+    }
     snap_l1.resize(l1_len as usize, 0);
     let mut txn = Txn::begin(&img)?;
     for e in &snap_l1 {

@@ -346,7 +346,7 @@ impl<'a> Txn<'a> {
         if off == 0 || bytes == 0 {
             return Ok(());
         }
-        self.add_range(off, off + bytes, -1)
+        self.add_range(off, off.saturating_add(bytes), -1)
     }
 
     /// Builds the new refcount structure, writes everything, and switches the header to

@@ -45,6 +45,8 @@ pub struct Sim {
     counter: u64,
     pub steps: u64,
     log: Vec<String>,
+    /// Whether writes may go through DataImage (imago refuses zstd and extended L2).
+    pub data_image: bool,
 }
 
 impl Sim {
@@ -61,6 +63,7 @@ impl Sim {
             counter: 0,
             steps: 0,
             log: Vec::new(),
+            data_image: true,
         }
     }
 
@@ -85,7 +88,7 @@ impl Sim {
         let len = (1 + self.rng.below(4 * self.cs / 512).min(size / 512 - 1)) * 512;
         let off = self.rng.below((size - len) / 512 + 1) * 512;
         let byte = 1 + self.rng.below(250) as u8;
-        if self.rng.chance(30) {
+        if self.rng.chance(30) && self.data_image {
             let mut d = disk::DataImage::open(&self.img).unwrap();
             d.write_at(&vec![byte; len as usize], off).unwrap();
             d.flush().unwrap();
