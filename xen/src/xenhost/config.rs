@@ -218,6 +218,15 @@ fn quote(s: &str) -> Result<String> {
     Ok(format!("\"{s}\""))
 }
 
+/// The xl spelling of a libxl lifecycle action (`restart_rename` -> `rename-restart`,
+/// `coredump_destroy` -> `coredump-destroy`).
+fn xl_action(libxl: &str) -> String {
+    match libxl {
+        "restart_rename" => "rename-restart".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
 /// An xl configuration file for the libxl configuration `config`, covering what `xl create`
 /// needs to boot the same domain again: name, type, memory, vCPUs, direct kernel boot or
 /// bootloader, disks, network interfaces and the lifecycle actions.
@@ -251,15 +260,9 @@ pub(crate) fn render_xl_cfg(config: &Value) -> Result<String> {
     if let Some(b) = s("/b_info/type.pv/bootloader") {
         line("bootloader", quote(b)?);
     }
-    for k in [
-        "on_poweroff",
-        "on_reboot",
-        "on_watchdog",
-        "on_crash",
-        "on_soft_reset",
-    ] {
+    for k in ["on_poweroff", "on_reboot", "on_watchdog", "on_crash"] {
         if let Some(v) = config.get(k).and_then(Value::as_str) {
-            line(k, quote(v)?);
+            line(k, quote(&xl_action(v))?);
         }
     }
     let mut disks = Vec::new();

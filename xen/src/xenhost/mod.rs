@@ -113,9 +113,14 @@ impl XenHost {
 
     /// Every active domain (not Domain-0) with its configuration.
     fn listed(&self) -> Result<Vec<config::Listed>> {
-        let out = self.tools.run(&["list", "-l"], XL_SHORT)?;
+        // `xl list -l` exits 1 when one domain's configuration cannot be read (e.g. one being
+        // built or torn down right now) but still prints the others.
+        let (status, out, stderr) = self.tools.run_status(&["list", "-l"], XL_SHORT)?;
         if out.trim().is_empty() {
-            return Ok(Vec::new());
+            return match status.success() {
+                true => Ok(Vec::new()),
+                false => Err(xl::toolstack(&["list", "-l"], status, &stderr)),
+            };
         }
         config::parse_list(&out)
     }

@@ -163,3 +163,122 @@ pub(crate) fn run(
         Ok(out)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A server that sends `greeting`, then for each expected command (checked by its
+    /// `execute`) sends the scripted lines, with `ID` replaced by the command's id.
+    fn server(
+        greeting: &'static str,
+        script: Vec<(&'static str, Vec<&'static str>)>,
+    ) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            writeln!(conn, "{greeting}").expect("greet");
+            for (want, replies) in script {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let cmd: Value = serde_json::from_str(&line).expect("json");
+                assert_eq!(cmd["execute"], want);
+                for r in replies {
+                    let r = r.replace("ID", &cmd["id"].to_string());
+                    write!(conn, "{r}\r\n").expect("reply");
+                }
+            }
+            // keep the connection open until the client is done
+            let mut rest = String::new();
+            let _ = reader.read_line(&mut rest);
+        });
+        (dir, path)
+    }
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}"#;
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn negotiates_skips_events_and_returns_results() {
+        let (_d, path) = server(
+            GREETING,
+            vec![
+                ("qmp_capabilities", vec![r#"{"return": {}, "id": ID}"#]),
+                (
+                    "query-named-block-nodes",
+                    vec![
+                        r#"{"event": "BLOCK_JOB_READY", "data": {}, "timestamp": {}}"#,
+                        "",
+                        r#"{"return": [{"node-name": "xvda-qcow2"}], "id": ID}"#,
+                    ],
+                ),
+            ],
+        );
+        let out = run(
+            &path,
+            T,
+            &[("query-named-block-nodes", Some(json!({"flat": true})))],
+        )
+        .expect("run");
+        assert_eq!(out[0][0]["node-name"], "xvda-qcow2");
+    }
+
+    #[test]
+    fn error_replies_become_command_errors() {
+        let (_d, path) = server(
+            GREETING,
+            vec![
+                ("qmp_capabilities", vec![r#"{"return": {}, "id": ID}"#]),
+                (
+                    "blockdev-snapshot-internal-sync",
+                    vec![
+                        r#"{"error": {"class": "GenericError", "desc": "Device 'x' not found"}, "id": ID}"#,
+                    ],
+                ),
+            ],
+        );
+        let err = run(
+            &path,
+            T,
+            &[(
+                "blockdev-snapshot-internal-sync",
+                Some(json!({"device": "x", "name": "s"})),
+            )],
+        )
+        .expect_err("error");
+        match err {
+            QmpError::Command {
+                command,
+                class,
+                desc,
+            } => {
+                assert_eq!(command, "blockdev-snapshot-internal-sync");
+                assert_eq!(class, "GenericError");
+                assert!(desc.contains("not found"));
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn silence_is_a_timeout_and_strangers_a_protocol_error() {
+        let (_d, path) = server(GREETING, vec![("qmp_capabilities", vec![])]);
+        let start = std::time::Instant::now();
+        let err = run(&path, Duration::from_millis(300), &[]).expect_err("timeout");
+        assert!(matches!(err, QmpError::Timeout(..)), "{err:?}");
+        assert!(start.elapsed() < Duration::from_secs(3));
+        let (_d, path) = server(r#"{"hello": 1}"#, vec![]);
+        assert!(matches!(run(&path, T, &[]), Err(QmpError::Protocol(_))));
+        let missing = std::env::temp_dir().join("domsnap-no-such-qmp-socket");
+        assert!(matches!(run(&missing, T, &[]), Err(QmpError::Io(..))));
+    }
+}

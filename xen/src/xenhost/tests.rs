@@ -68,7 +68,9 @@ fn list_json(domid: u32) -> String {
                  "format": "qcow2", "readwrite": 1},
                 {"pdev_path": "/images/cd.iso", "vdev": "xvdc", "format": "raw", "is_cdrom": 1}
             ],
-            "on_crash": "preserve"
+            "on_reboot": "restart",
+            "on_crash": "coredump_destroy",
+            "on_soft_reset": "soft_reset"
         }
     }])
     .to_string()
@@ -172,11 +174,13 @@ fn config_from_xl_list() {
         "vcpus = 1",
         "kernel = \"/root/vmlinuz\"",
         "extra = \"console=hvc0 rdinit=/init\"",
-        "on_crash = \"preserve\"",
+        "on_reboot = \"restart\"",
+        "on_crash = \"coredump-destroy\"",
         "'format=qcow2, vdev=xvda, access=rw, backendtype=qdisk, target=/images/domd.qcow2'",
     ] {
         assert!(cfg.contains(want), "{want:?} missing in\n{cfg}");
     }
+    assert!(!cfg.contains("soft_reset"), "xl has no such action:\n{cfg}");
     // Domain-0 and garbage
     assert!(
         config::parse_list(r#"[{"domid":0,"config":{"c_info":{"name":"Domain-0"}}}]"#)

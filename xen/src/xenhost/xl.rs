@@ -47,14 +47,24 @@ impl Tools {
 
     /// Runs `xl ARGS` to completion (at most `limit`) and returns its stdout.
     pub fn run(&self, args: &[&str], limit: Duration) -> Result<String> {
-        let out_dir = ScratchFiles::new()?;
-        let mut child = self.spawn(args, &out_dir)?;
-        let status = wait_bounded(&mut child, limit, &Self::line(args))?;
-        let (stdout, stderr) = out_dir.read();
+        let (status, stdout, stderr) = self.run_status(args, limit)?;
         if !status.success() {
             return Err(toolstack(args, status, &stderr));
         }
         Ok(stdout)
+    }
+
+    /// Runs `xl ARGS` to completion (at most `limit`): exit status, stdout, stderr.
+    pub fn run_status(
+        &self,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<(ExitStatus, String, String)> {
+        let out_dir = ScratchFiles::new()?;
+        let mut child = self.spawn(args, &out_dir)?;
+        let status = wait_bounded(&mut child, limit, &Self::line(args))?;
+        let (stdout, stderr) = out_dir.read();
+        Ok((status, stdout, stderr))
     }
 
     /// Starts `xl ARGS` with stdout and stderr going to files (xl's background monitor
