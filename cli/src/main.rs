@@ -1,1 +1,394 @@
-fn main() {}
+//! `domsnap`: crash-safe snapshots of Xen domains.
+//!
+//! Exit codes: 0 success; 1 the operation failed; 2 bad input or a request that cannot be
+//! carried out as asked (nothing was changed); 3 another domsnap operation holds the
+//! domain; 4 `verify` found problems.
+
+mod args;
+mod demo;
+mod output;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use args::{Cli, Command, DomainCommand, HostKind};
+use engine::{Access, CreateRequest, DeleteRequest, Engine, HistoryFilter, RevertRequest};
+use journal::DomainState;
+use xen::sim::SimHost;
+use xen::Host;
+
+/// Exit status for bad input.
+const EXIT_USAGE: u8 = 2;
+/// Exit status when another operation holds the domain.
+const EXIT_BUSY: u8 = 3;
+/// Exit status when `verify` finds problems.
+const EXIT_PROBLEMS: u8 = 4;
+
+/// An error that was caused by the request, not by a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// `verify` found problems (already printed).
+#[derive(Debug, thiserror::Error)]
+#[error("verify found problems")]
+struct Problems;
+
+fn main() -> ExitCode {
+    let mut raw = std::env::args_os();
+    let _exe = raw.next();
+    let first = raw.next();
+    if first.as_deref() == Some(std::ffi::OsStr::new(xen::sim::GUEST_ARG)) {
+        xen::sim::guest_main_from_args(raw);
+    }
+    let _failpoints = fail::FailScenario::setup();
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = exit_code(&err);
+            if code != EXIT_PROBLEMS {
+                if json {
+                    let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+                    let value = serde_json::json!({
+                        "error": chain.join(": "),
+                        "exit_code": code,
+                    });
+                    eprintln!("{value}");
+                } else {
+                    eprintln!("domsnap: error: {err}");
+                    for cause in err.chain().skip(1) {
+                        eprintln!("  caused by: {cause}");
+                    }
+                }
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<Problems>().is_some() {
+        return EXIT_PROBLEMS;
+    }
+    if err.downcast_ref::<Usage>().is_some() {
+        return EXIT_USAGE;
+    }
+    if let Some(e) = err.downcast_ref::<engine::Error>() {
+        if e.is_busy() {
+            return EXIT_BUSY;
+        }
+        if e.is_user_error() {
+            return EXIT_USAGE;
+        }
+    }
+    if let Some(e) = err.downcast_ref::<xen::Error>() {
+        if e.is_user_error() {
+            return EXIT_USAGE;
+        }
+    }
+    1
+}
+
+/// The state directory: `--state`, else `$DOMSNAP_STATE`, else a per-user data directory.
+fn state_dir(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = arg.or_else(|| std::env::var_os("DOMSNAP_STATE").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if is_root {
+        return Ok(PathBuf::from("/var/lib/domsnap"));
+    }
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(data).join("domsnap"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| {
+        Usage("no state directory: give --state DIR or set DOMSNAP_STATE".into())
+    })?;
+    Ok(PathBuf::from(home).join(".local/share/domsnap"))
+}
+
+/// The host the command drives.
+pub(crate) fn open_host(kind: HostKind, state: &Path) -> anyhow::Result<Box<dyn Host>> {
+    match kind {
+        HostKind::Sim => Ok(Box::new(SimHost::open(state)?)),
+        #[cfg(feature = "xen")]
+        HostKind::Xen => Ok(Box::new(xen::xenhost::XenHost::open(state)?)),
+        #[cfg(not(feature = "xen"))]
+        HostKind::Xen => Err(Usage(
+            "this domsnap was built without Xen support: rebuild with `cargo build --release --features xen` on a dom0"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+fn open_engine(
+    cli_host: HostKind,
+    state: &Path,
+    access: Access,
+    domain: Option<&str>,
+    wait: u64,
+    json: bool,
+) -> anyhow::Result<Engine> {
+    let host = open_host(cli_host, state)?;
+    let observer = progress::observer(json);
+    Ok(Engine::open(
+        state,
+        host,
+        access,
+        domain,
+        Duration::from_secs(wait),
+        observer,
+    )?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    if let Command::Demo(args) = &cli.command {
+        return demo::run(cli.state.clone(), args.keep, json);
+    }
+    let state = state_dir(cli.state)?;
+    let open = |access, domain: Option<&str>| open_engine(cli.host, &state, access, domain, cli.wait, json);
+    match cli.command {
+        Command::Domain(cmd) => domain_command(cli.host, &state, cmd, json),
+        Command::Create(a) => {
+            let name = match a.name {
+                Some(n) => n,
+                None => default_snapshot_name(),
+            };
+            let mut engine = open(Access::Write, Some(&a.domain))?;
+            let meta = engine.create(&CreateRequest {
+                domain: a.domain.clone(),
+                name,
+                disk_only: a.disk_only,
+                crash_consistent: a.crash_consistent,
+                external: a.external,
+                description: a.description,
+            })?;
+            let view = engine.info(&a.domain, &meta.name)?;
+            output::created(&view, &engine.history(&HistoryFilter {
+                op: Some(meta.op),
+                ..HistoryFilter::default()
+            })?, json)
+        }
+        Command::Revert(a) => {
+            let state_arg = match (a.running, a.paused) {
+                (true, _) => Some(DomainState::Running),
+                (_, true) => Some(DomainState::Paused),
+                _ => None,
+            };
+            let mut engine = open(Access::Write, Some(&a.domain))?;
+            engine.revert(&RevertRequest {
+                domain: a.domain.clone(),
+                name: a.name.clone(),
+                state: state_arg,
+            })?;
+            let info = engine.host().domain(&a.domain)?;
+            output::reverted(&a.domain, &a.name, &info, json)
+        }
+        Command::Delete(a) => {
+            let mut engine = open(Access::Write, Some(&a.domain))?;
+            let names = engine.delete(&DeleteRequest {
+                domain: a.domain.clone(),
+                name: a.name.clone(),
+                children: a.children,
+            })?;
+            output::deleted(&a.domain, &names, json)
+        }
+        Command::List(a) => {
+            let engine = open(Access::Read, None)?;
+            let list = engine.list(&a.domain)?;
+            if a.tree && !json {
+                output::tree(&engine.catalog(&a.domain)?, &a.domain)
+            } else {
+                output::list(&a.domain, &list, json)
+            }
+        }
+        Command::Info(a) => {
+            let engine = open(Access::Read, None)?;
+            output::info(&engine.info(&a.domain, &a.name)?, json)
+        }
+        Command::History(a) => {
+            let since = a.since.as_deref().map(parse_since).transpose()?;
+            let engine = open(Access::Read, None)?;
+            let ops = engine.history(&HistoryFilter {
+                domain: a.domain,
+                op: a.op,
+                since,
+            })?;
+            output::history(&ops, json)
+        }
+        Command::Recover => {
+            // Opening for writing runs recovery; run it once more to report.
+            let mut engine = open(Access::Write, None)?;
+            let report = engine.recover()?;
+            output::recovered(&report, json)
+        }
+        Command::Verify(a) => {
+            let engine = open(Access::Read, None)?;
+            let report = engine.verify(a.domain.as_deref(), a.deep)?;
+            output::verified(&report, json)?;
+            if report.is_clean() {
+                Ok(())
+            } else {
+                Err(Problems.into())
+            }
+        }
+        Command::Gc => {
+            let mut engine = open(Access::Write, None)?;
+            let report = engine.gc()?;
+            output::gc(&report, json)
+        }
+        Command::Demo(_) => unreachable!("handled above"),
+    }
+}
+
+fn default_snapshot_name() -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    format!("snap-{}", now.replace(':', "").trim_end_matches('Z'))
+}
+
+fn parse_since(s: &str) -> anyhow::Result<u64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let ms = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        return Ok(ms);
+    }
+    match humantime::parse_duration(s) {
+        Ok(age) => Ok(journal::now_millis().saturating_sub(age.as_millis() as u64)),
+        Err(_) => Err(Usage(format!(
+            "--since {s:?}: give an RFC 3339 time (2026-11-26T06:00:00Z) or an age (2h, 30m)"
+        ))
+        .into()),
+    }
+}
+
+/// Parses a size: bytes, or with a K/M/G/T suffix (powers of 1024; `MiB`, `MB` and `M` alike).
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| Usage(format!("size {s:?}: expected a number with an optional K, M, G or T")))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(Usage(format!("size {s:?}: unknown unit {unit:?} (use K, M, G or T)")).into()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| Usage(format!("size {s:?} is too large")).into())
+}
+
+fn sim_only(kind: HostKind) -> anyhow::Result<()> {
+    if kind == HostKind::Sim {
+        Ok(())
+    } else {
+        Err(Usage("`domain` commands manage the simulated host; on Xen use `xl`".into()).into())
+    }
+}
+
+fn domain_command(kind: HostKind, state: &Path, cmd: DomainCommand, json: bool) -> anyhow::Result<()> {
+    let host_box = open_host(kind, state)?;
+    let sim = || -> anyhow::Result<SimHost> {
+        sim_only(kind)?;
+        Ok(SimHost::open(state)?)
+    };
+    match cmd {
+        DomainCommand::Define {
+            name,
+            memory,
+            disks,
+            workload,
+        } => {
+            let sim = sim()?;
+            let memory = parse_size(&memory)?;
+            let sizes = disks
+                .iter()
+                .map(|d| parse_size(d))
+                .collect::<anyhow::Result<Vec<u64>>>()?;
+            let info = sim.define(&name, memory, &sizes)?;
+            if let Some(w) = workload {
+                sim.set_workload(&name, w.parse()?)?;
+            }
+            output::domain(&info, json)
+        }
+        DomainCommand::Start {
+            name,
+            workload,
+            paused,
+        } => {
+            if let Some(w) = workload {
+                sim()?.set_workload(&name, w.parse()?)?;
+            }
+            host_box.start(&name, paused)?;
+            output::domain(&host_box.domain(&name)?, json)
+        }
+        DomainCommand::Pause { name } => {
+            host_box.pause(&name)?;
+            output::domain(&host_box.domain(&name)?, json)
+        }
+        DomainCommand::Unpause { name } => {
+            host_box.unpause(&name)?;
+            output::domain(&host_box.domain(&name)?, json)
+        }
+        DomainCommand::Shutdown { name } => {
+            sim()?.shutdown(&name)?;
+            output::domain(&host_box.domain(&name)?, json)
+        }
+        DomainCommand::Destroy { name } => {
+            host_box.destroy(&name)?;
+            output::domain(&host_box.domain(&name)?, json)
+        }
+        DomainCommand::Undefine { name } => {
+            sim()?.undefine(&name)?;
+            if json {
+                println!("{}", serde_json::json!({ "undefined": name }));
+            } else {
+                println!("domain {name} undefined");
+            }
+            Ok(())
+        }
+        DomainCommand::List => output::domains(&host_box.domains()?, json),
+        DomainCommand::Info { name } => output::domain(&host_box.domain(&name)?, json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("64X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn since_accepts_times_and_ages() {
+        assert_eq!(parse_since("1970-01-01T00:00:01Z").unwrap(), 1000);
+        let an_hour_ago = parse_since("1h").unwrap();
+        assert!(journal::now_millis() - an_hour_ago >= 3_600_000);
+        assert!(parse_since("yesterday-ish").is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! `verify`: the journal's projections against its events, the catalog against every
+//! disk's qcow2 snapshot table, and the memory image store against the catalog.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::engine::{error_chain, Engine};
+use crate::error::Result;
+
+/// What `verify` found; empty lists mean all is well.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Projections that disagree with the events, open operations.
+    pub journal: Vec<String>,
+    /// Disk snapshots missing from an image or present without a catalog entry.
+    pub disks: Vec<String>,
+    /// Memory image store problems.
+    pub memory: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether nothing was found.
+    pub fn is_clean(&self) -> bool {
+        self.journal.is_empty() && self.disks.is_empty() && self.memory.is_empty()
+    }
+}
+
+/// Whether a qcow2 snapshot tag has the shape domsnap gives its tags (`name@op`).
+fn looks_like_ours(tag: &str) -> bool {
+    tag.rsplit_once('@')
+        .is_some_and(|(name, op)| !name.is_empty() && !op.is_empty() && op.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl Engine {
+    /// Checks everything; `domain` limits the disk checks to one domain, `deep` also reads
+    /// and hashes every chunk of every memory image.
+    pub fn verify(&self, domain: Option<&str>, deep: bool) -> Result<VerifyReport> {
+        let mut report = VerifyReport {
+            journal: self.journal.verify()?,
+            ..VerifyReport::default()
+        };
+        for op in self.journal.open_ops()? {
+            report.journal.push(format!(
+                "operation {op} is open (interrupted and not yet recovered)"
+            ));
+        }
+        let catalog = self.journal.catalog()?;
+        let mut referenced: BTreeMap<String, u64> = BTreeMap::new();
+        for (name, dc) in &catalog.domains {
+            for snap in dc.snapshots.values() {
+                if let Some(image) = &snap.memory_image {
+                    *referenced.entry(image.clone()).or_default() += 1;
+                }
+            }
+            if domain.is_some_and(|d| d != name) {
+                continue;
+            }
+            let info = match self.host.domain(name) {
+                Ok(info) => info,
+                Err(e) => {
+                    report.disks.push(format!(
+                        "domain {name:?} has {} snapshots but the host does not know it: {}",
+                        dc.snapshots.len(),
+                        error_chain(&e)
+                    ));
+                    continue;
+                }
+            };
+            for disk in &info.disks {
+                let expected: BTreeSet<&str> = dc
+                    .snapshots
+                    .values()
+                    .flat_map(|s| s.disks.iter())
+                    .filter(|d| d.target == disk.target)
+                    .map(|d| d.tag.as_str())
+                    .collect();
+                let tags = match self.host.disk_snapshots(name, &disk.target) {
+                    Ok(tags) => tags,
+                    Err(e) => {
+                        report.disks.push(format!(
+                            "{name}/{}: cannot read the snapshot table: {}",
+                            disk.target,
+                            error_chain(&e)
+                        ));
+                        continue;
+                    }
+                };
+                let present: BTreeSet<&str> = tags.iter().map(String::as_str).collect();
+                for tag in expected.difference(&present) {
+                    report.disks.push(format!(
+                        "{name}/{} ({}): snapshot {tag:?} is in the catalog but not in the image",
+                        disk.target,
+                        disk.path.display()
+                    ));
+                }
+                for tag in present.difference(&expected) {
+                    if looks_like_ours(tag) {
+                        report.disks.push(format!(
+                            "{name}/{} ({}): snapshot {tag:?} is in the image but not in the catalog",
+                            disk.target,
+                            disk.path.display()
+                        ));
+                    }
+                }
+            }
+        }
+        report.memory = self.memory.check(&self.journal, &referenced)?;
+        if deep {
+            for image in referenced.keys() {
+                if let Err(e) = self.memory.verify(&self.journal, image) {
+                    report.memory.push(format!("image {image}: {}", error_chain(&e)));
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl Engine {
+    /// Removes memory chunks that no image needs any more and pack files nothing points
+    /// into.
+    pub fn gc(&mut self) -> Result<crate::memstore::GcReport> {
+        self.require_writer()?;
+        Ok(self.memory.gc(&mut self.journal)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_ours;
+
+    #[test]
+    fn recognises_its_own_tags() {
+        assert!(looks_like_ours("before-upgrade@12"));
+        assert!(!looks_like_ours("manual"));
+        assert!(!looks_like_ours("x@"));
+        assert!(!looks_like_ours("@12"));
+        assert!(!looks_like_ours("a@1b"));
+    }
+}
