@@ -10,11 +10,11 @@
 //!
 //! 1. write the fresh clusters (`disk::internal::write_l2`, `write_l1`, `write_table`,
 //!    `write_refcounts` failpoints precede each group);
-//! 2. `fsync` (`disk::internal::sync_new`);
+//! 2. `fdatasync` (`disk::internal::sync_new`);
 //! 3. write header bytes 24..96 — L1 table, refcount table, snapshot table, size and feature
 //!    fields — in one write inside the first sector (`disk::internal::write_header`): the
 //!    commit point;
-//! 4. `fsync` (`disk::internal::sync_header`).
+//! 4. `fdatasync` (`disk::internal::sync_header`).
 //!
 //! A crash before step 3 leaves the old image untouched (the fresh clusters have refcount 0
 //! and nothing refers to them); after it, the new image is complete. The old L1 table, old
@@ -323,8 +323,14 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// Queues a write of fresh clusters.
+    /// Queues a write of fresh clusters (merged with the previous one when adjacent).
     pub fn write(&mut self, off: u64, data: Vec<u8>, step: &'static str) {
+        if let Some((last_off, last, last_step)) = self.writes.last_mut() {
+            if *last_step == step && *last_off + last.len() as u64 == off && last.len() < 8 << 20 {
+                last.extend_from_slice(&data);
+                return;
+            }
+        }
         self.writes.push((off, data, step));
     }
 
@@ -413,7 +419,7 @@ impl<'a> Txn<'a> {
             });
         }
         let mut rt = vec![0u8; rt_clusters * cs as usize];
-        let mut rb_writes = Vec::with_capacity(blocks.len());
+        let mut rb_writes: Vec<(u64, Vec<u8>)> = Vec::with_capacity(blocks.len());
         for (&b, &off) in &blocks {
             rt[b * 8..b * 8 + 8].copy_from_slice(&off.to_be_bytes());
             let mut block = vec![0u8; cs as usize];
@@ -423,7 +429,10 @@ impl<'a> Txn<'a> {
                     None => break,
                 }
             }
-            rb_writes.push((off, block));
+            match rb_writes.last_mut() {
+                Some((o, d)) if *o + d.len() as u64 == off => d.extend_from_slice(&block),
+                _ => rb_writes.push((off, block)),
+            }
         }
         header.refcount_table_offset = rt_off;
         header.refcount_table_clusters = rt_clusters as u32;
@@ -450,17 +459,19 @@ impl<'a> Txn<'a> {
         img.file
             .write_all_at(&rt, rt_off)
             .map_err(io("write refcount table", path))?;
+        // fdatasync also makes the new file size durable: all the file system metadata needed
+        // to read the new clusters back.
         failpoint("disk::internal::sync_new")?;
         img.file
-            .sync_all()
-            .map_err(io("fsync new metadata", path))?;
+            .sync_data()
+            .map_err(io("fdatasync new metadata", path))?;
         failpoint("disk::internal::write_header")?;
         let (at, bytes) = header.commit_bytes();
         img.file
             .write_all_at(&bytes, at)
             .map_err(io("write header (commit)", path))?;
         failpoint("disk::internal::sync_header")?;
-        img.file.sync_all().map_err(io("fsync header", path))?;
+        img.file.sync_data().map_err(io("fdatasync header", path))?;
         Ok(())
     }
 }
