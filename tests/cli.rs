@@ -16,16 +16,30 @@ fn checkpoints_while_running_and_paused_revert_to_their_instant() {
     env.running_domain("web01", "64M", &["128M", "64M"]);
 
     let before = env.memory_counter("web01");
-    env.run(&["create", "web01", "running-cp", "--description", "while running"]);
+    env.run(&[
+        "create",
+        "web01",
+        "running-cp",
+        "--description",
+        "while running",
+    ]);
     let after = env.memory_counter("web01");
-    assert_eq!(env.domain_state("web01"), "running", "create resumes a running domain");
+    assert_eq!(
+        env.domain_state("web01"),
+        "running",
+        "create resumes a running domain"
+    );
     env.wait_counter("web01", 20);
 
     env.run(&["domain", "pause", "web01"]);
     let (m, d) = (env.memory_counter("web01"), env.disk_counter("web01"));
     assert!(d == m || d == m + 1, "paused: memory {m}, xvda {d}");
     env.run(&["create", "web01", "paused-cp"]);
-    assert_eq!(env.domain_state("web01"), "paused", "create leaves a paused domain paused");
+    assert_eq!(
+        env.domain_state("web01"),
+        "paused",
+        "create leaves a paused domain paused"
+    );
     env.assert_consistent("web01");
     env.run(&["domain", "unpause", "web01"]);
     env.wait_counter("web01", 50);
@@ -71,7 +85,15 @@ fn checkpoints_while_running_and_paused_revert_to_their_instant() {
     assert_eq!(paused["parent"], "running-cp");
     assert_eq!(paused["domain_state"], "paused");
     assert_eq!(paused["current"], false);
-    for key in ["created", "memory_image", "disks", "kind", "parent", "current", "domain_state"] {
+    for key in [
+        "created",
+        "memory_image",
+        "disks",
+        "kind",
+        "parent",
+        "current",
+        "domain_state",
+    ] {
         assert!(running.get(key).is_some(), "list --json lacks {key}");
     }
 }
@@ -87,7 +109,10 @@ fn disk_only_snapshots_need_a_stopped_domain_or_explicit_consent() {
     assert!(env.snapshot_names("db").is_empty());
     assert_eq!(env.domain_state("db"), "running");
     env.run(&["domain", "pause", "db"]);
-    assert!(env.qemu_tags("db")[0].1.is_empty(), "nothing reached the disk");
+    assert!(
+        env.qemu_tags("db")[0].1.is_empty(),
+        "nothing reached the disk"
+    );
     env.run(&["domain", "unpause", "db"]);
 
     env.run(&["create", "db", "crash", "--disk-only", "--crash-consistent"]);
@@ -189,8 +214,14 @@ fn second_checkpoint_of_an_unchanged_domain_stores_almost_nothing() {
     let (read2, new2) = save(1);
     assert_eq!(read1, 64 << 20);
     assert_eq!(read2, 64 << 20);
-    assert!(new1 > 60 << 20, "first checkpoint stores the memory: {new1}");
-    assert!(new2 < 1 << 20, "second checkpoint stores almost nothing: {new2}");
+    assert!(
+        new1 > 60 << 20,
+        "first checkpoint stores the memory: {new1}"
+    );
+    assert!(
+        new2 < 1 << 20,
+        "second checkpoint stores almost nothing: {new2}"
+    );
     env.assert_consistent("mem");
     // Both snapshots share chunks; deleting one keeps the other restorable.
     env.run(&["delete", "mem", "first"]);
@@ -212,10 +243,17 @@ fn history_records_every_step_with_outcomes() {
     let kinds: Vec<&str> = ops.iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["create", "revert", "delete"]);
     for op in ops {
-        for key in ["id", "kind", "domain", "snapshot", "started", "ended", "outcome", "steps"] {
+        for key in [
+            "id", "kind", "domain", "snapshot", "started", "ended", "outcome", "steps",
+        ] {
             assert!(op.get(key).is_some(), "history lacks {key}");
         }
         assert_eq!(op["outcome"], "committed");
+        let user = op["user"].as_str().unwrap();
+        assert!(
+            !user.is_empty() && user != "unknown",
+            "who ran it: {user:?}"
+        );
         for step in op["steps"].as_array().unwrap() {
             assert_eq!(step["outcome"], "done", "{step}");
             for key in ["name", "started", "ended", "outcome"] {
@@ -238,14 +276,32 @@ fn history_records_every_step_with_outcomes() {
         .collect();
     assert_eq!(
         revert,
-        ["verify-image", "stop-domain", "revert-disk:xvda", "restore-memory", "set-run-state"]
+        [
+            "verify-image",
+            "stop-domain",
+            "revert-disk:xvda",
+            "restore-memory",
+            "set-run-state"
+        ]
     );
     // Filters.
     let id = ops[1]["id"].as_u64().unwrap().to_string();
-    assert_eq!(env.json(&["history", "--op", &id]).as_array().unwrap().len(), 1);
-    assert_eq!(env.json(&["history", "nosuch"]).as_array().unwrap().len(), 0);
     assert_eq!(
-        env.json(&["history", "--since", "2999-01-01T00:00:00Z"]).as_array().unwrap().len(),
+        env.json(&["history", "--op", &id])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        env.json(&["history", "nosuch"]).as_array().unwrap().len(),
+        0
+    );
+    assert_eq!(
+        env.json(&["history", "--since", "2999-01-01T00:00:00Z"])
+            .as_array()
+            .unwrap()
+            .len(),
         0
     );
     let text = env.run(&["history"]);
@@ -267,9 +323,15 @@ fn bad_input_is_refused_and_changes_nothing() {
         (vec!["create", "../vm", "x"], "domain name"),
         (vec!["revert", "vm", "missing"], "no snapshot named"),
         (vec!["delete", "vm", "missing"], "no snapshot named"),
-        (vec!["revert", "vm", "ok", "--running", "--paused"], "cannot be used with"),
+        (
+            vec!["revert", "vm", "ok", "--running", "--paused"],
+            "cannot be used with",
+        ),
         (vec!["domain", "define", "x/y", "--memory", "8M"], "name"),
-        (vec!["domain", "define", "z", "--memory", "8Q"], "unknown unit"),
+        (
+            vec!["domain", "define", "z", "--memory", "8Q"],
+            "unknown unit",
+        ),
         (vec!["history", "--since", "whenever"], "--since"),
     ] {
         let out = env.try_run(&args);
@@ -331,7 +393,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn demo_runs_and_passes_its_checks() {
-    let out = std::process::Command::new(EXE).arg("demo").output().unwrap();
+    let out = std::process::Command::new(EXE)
+        .arg("demo")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

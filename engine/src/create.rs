@@ -245,7 +245,9 @@ impl Engine {
                 self.resume_if_was_running(b)?;
                 Ok((StepDetail::default(), Batch::new()))
             }
-            other => Err(Error::Refused(format!("step {other} is not part of create"))),
+            other => Err(Error::Refused(format!(
+                "step {other} is not part of create"
+            ))),
         }
     }
 
@@ -305,7 +307,12 @@ impl Engine {
 
     /// Undoes every step of a create that began, in reverse, restores the run state, and
     /// journals `OpRolledBack`.
-    pub(crate) fn undo_create(&mut self, b: &OpBegun, progress: &Progress, reason: &str) -> Result<()> {
+    pub(crate) fn undo_create(
+        &mut self,
+        b: &OpBegun,
+        progress: &Progress,
+        reason: &str,
+    ) -> Result<()> {
         let events = self.journal.op_events(b.op)?;
         let image = events.iter().find_map(|e| match e {
             Event::StepDone { step, detail, .. } if Step::parse(step) == Some(Step::SaveMemory) => {

@@ -87,30 +87,33 @@ impl Engine {
             if progress.is_done(step) {
                 continue;
             }
-            self.run_step(b, step, |e| {
-                match step {
-                    Step::DeleteDisk(name, target) => {
-                        let tag = catalog
-                            .snapshots
-                            .get(name)
-                            .and_then(|s| s.disks.iter().find(|d| &d.target == target))
-                            .map(|d| d.tag.clone());
-                        let exists = e.host.domain(&b.domain)?.disk(target).is_some();
-                        if let (Some(tag), true) = (tag, exists) {
-                            e.host.delete_disk_snapshot(&b.domain, target, &tag)?;
-                        }
-                        Ok((StepDetail::default(), Batch::new()))
+            self.run_step(b, step, |e| match step {
+                Step::DeleteDisk(name, target) => {
+                    let tag = catalog
+                        .snapshots
+                        .get(name)
+                        .and_then(|s| s.disks.iter().find(|d| &d.target == target))
+                        .map(|d| d.tag.clone());
+                    let exists = e.host.domain(&b.domain)?.disk(target).is_some();
+                    if let (Some(tag), true) = (tag, exists) {
+                        e.host.delete_disk_snapshot(&b.domain, target, &tag)?;
                     }
-                    Step::ReleaseImage(name) => {
-                        let image = catalog.snapshots.get(name).and_then(|s| s.memory_image.clone());
-                        let batch = match image {
-                            Some(image) => e.memory.release(&e.journal, &image)?,
-                            None => Batch::new(),
-                        };
-                        Ok((StepDetail::default(), batch))
-                    }
-                    other => Err(Error::Refused(format!("step {other} is not part of delete"))),
+                    Ok((StepDetail::default(), Batch::new()))
                 }
+                Step::ReleaseImage(name) => {
+                    let image = catalog
+                        .snapshots
+                        .get(name)
+                        .and_then(|s| s.memory_image.clone());
+                    let batch = match image {
+                        Some(image) => e.memory.release(&e.journal, &image)?,
+                        None => Batch::new(),
+                    };
+                    Ok((StepDetail::default(), batch))
+                }
+                other => Err(Error::Refused(format!(
+                    "step {other} is not part of delete"
+                ))),
             })?;
         }
         crate::engine::crash_point("engine::delete::before-commit");

@@ -266,7 +266,11 @@ impl Engine {
             step: name.clone(),
             at: journal::now_millis(),
         })?;
-        crash_point(&format!("engine::{}::before-undo-{}", b.kind.as_str(), step.kind_name()));
+        crash_point(&format!(
+            "engine::{}::before-undo-{}",
+            b.kind.as_str(),
+            step.kind_name()
+        ));
         match action(self) {
             Ok(batch) => {
                 let mut done = Batch::new();

@@ -97,6 +97,9 @@ impl Error {
 
     /// Whether another operation holds what was asked for.
     pub fn is_busy(&self) -> bool {
-        matches!(self, Error::Busy { .. } | Error::Journal(journal::Error::Busy(_)))
+        matches!(
+            self,
+            Error::Busy { .. } | Error::Journal(journal::Error::Busy(_))
+        )
     }
 }

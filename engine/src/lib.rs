@@ -28,10 +28,24 @@ pub use query::{HistoryFilter, OpView, SnapshotView};
 pub use revert::RevertRequest;
 pub use verify::VerifyReport;
 
-/// The user running this process, for the journal.
+/// The user running this process, for the journal: `$SUDO_USER` when run through sudo, else
+/// the name of the process's user id in /etc/passwd, else `uid N`.
 pub(crate) fn whoami() -> String {
-    std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(user) = std::env::var("SUDO_USER") {
+        return user;
+    }
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown".into();
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let id = fields.nth(1)?.parse::<u32>().ok()?;
+            (id == uid).then(|| name.to_string())
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
 }

@@ -12,7 +12,10 @@ pub fn check(what: &'static str, name: &str) -> Result<()> {
     let problem = if name.is_empty() {
         Some("is empty".to_string())
     } else if name.len() > MAX_NAME {
-        Some(format!("is {} characters long (at most {MAX_NAME})", name.len()))
+        Some(format!(
+            "is {} characters long (at most {MAX_NAME})",
+            name.len()
+        ))
     } else if name.starts_with('.') {
         Some("starts with '.'".to_string())
     } else {

@@ -238,8 +238,10 @@ mod tests {
             Step::SnapshotDisk("xvdb".into()),
             Step::Resume,
         ];
-        let mut p = Progress::default();
-        p.done = plan[..2].to_vec();
+        let mut p = Progress {
+            done: plan[..2].to_vec(),
+            ..Progress::default()
+        };
         assert_eq!(decide(OpKind::Create, &plan, &p).0, Decision::Back);
         p.done = plan[..3].to_vec();
         assert_eq!(decide(OpKind::Create, &plan, &p).0, Decision::Forward);

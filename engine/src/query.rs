@@ -157,7 +157,10 @@ impl Engine {
         let catalog = self.journal.domain_catalog(domain)?;
         let mut snaps: Vec<&SnapshotMeta> = catalog.snapshots.values().collect();
         snaps.sort_by_key(|s| (s.created, s.op));
-        Ok(snaps.into_iter().map(|s| SnapshotView::of(s, &catalog)).collect())
+        Ok(snaps
+            .into_iter()
+            .map(|s| SnapshotView::of(s, &catalog))
+            .collect())
     }
 
     /// A domain's catalog (for tree output).
@@ -229,7 +232,8 @@ impl Engine {
                     // A step begun again (by recovery) supersedes the interrupted attempt.
                     if let Some(i) = open.iter().position(|(s, _)| s == step) {
                         let (name, started) = open.remove(i);
-                        view.steps.push(step_view(name, started, None, "interrupted", None));
+                        view.steps
+                            .push(step_view(name, started, None, "interrupted", None));
                     }
                     open.push((step.clone(), *at));
                 }
@@ -258,7 +262,8 @@ impl Engine {
                     decision, reason, ..
                 } => {
                     for (name, started) in open.drain(..) {
-                        view.steps.push(step_view(name, started, None, "interrupted", None));
+                        view.steps
+                            .push(step_view(name, started, None, "interrupted", None));
                     }
                     view.recovery = Some(format!("{decision:?}: {reason}").to_lowercase());
                 }
@@ -268,7 +273,8 @@ impl Engine {
             }
         }
         for (name, started) in open {
-            view.steps.push(step_view(name, started, None, "interrupted", None));
+            view.steps
+                .push(step_view(name, started, None, "interrupted", None));
         }
         Ok(view)
     }

@@ -1,6 +1,8 @@
 //! `revert`: bring a snapshot's instant back — memory and every disk — running or paused.
 
-use journal::{Batch, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind, SnapshotMeta, StepDetail};
+use journal::{
+    Batch, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind, SnapshotMeta, StepDetail,
+};
 use xen::RunState;
 
 use crate::create::journal_state;
@@ -31,14 +33,15 @@ impl Engine {
         self.hold_domain(&req.domain)?;
         let info = self.host.domain(&req.domain)?;
         let catalog = self.journal.domain_catalog(&req.domain)?;
-        let snap = catalog
-            .snapshots
-            .get(&req.name)
-            .cloned()
-            .ok_or_else(|| Error::NoSuchSnapshot {
-                domain: req.domain.clone(),
-                name: req.name.clone(),
-            })?;
+        let snap =
+            catalog
+                .snapshots
+                .get(&req.name)
+                .cloned()
+                .ok_or_else(|| Error::NoSuchSnapshot {
+                    domain: req.domain.clone(),
+                    name: req.name.clone(),
+                })?;
         if req.state == Some(DomainState::Shutoff) && snap.kind == SnapshotKind::Checkpoint {
             // A checkpoint's point is its memory; shut off is not a state to revert into.
             return Err(Error::Refused(
@@ -167,40 +170,38 @@ impl Engine {
                 let host = self.host.as_ref();
                 let memory = &self.memory;
                 let journal = &self.journal;
-                let written;
                 let (reader, mut writer) = std::io::pipe().map_err(|source| Error::Io {
                     op: "create pipe for memory restore",
                     path: self.state.clone(),
                     source,
                 })?;
-                let result = std::thread::scope(|s| {
+                let (restored, fed) = std::thread::scope(|s| {
                     let feeder = s.spawn(move || {
                         let mut progress = |n: u64| observer.bytes(n, total);
-                        let r = memory.restore(journal, &image, &mut writer, &mut progress);
-                        drop(writer);
-                        r
+                        memory.restore(journal, &image, &mut writer, &mut progress)
+                        // `writer` drops here: the host sees the end of the stream.
                     });
                     let mut reader = reader;
                     let restored = host.restore_memory(domain, &mut reader);
                     drop(reader);
-                    let fed = feeder.join();
-                    (restored, fed)
+                    (restored, feeder.join())
                 });
-                match result {
-                    (Ok(()), Ok(Ok(n))) => written = n,
-                    (_, Ok(Err(e))) => {
-                        self.host.destroy(domain)?;
-                        return Err(e.into());
-                    }
-                    (Err(e), _) => {
-                        self.host.destroy(domain)?;
-                        return Err(e.into());
-                    }
+                let outcome = match (restored, fed) {
+                    (Ok(()), Ok(Ok(n))) => Ok(n),
+                    (_, Ok(Err(e))) => Err(e.into()),
+                    (Err(e), _) => Err(e.into()),
                     (Ok(()), Err(_)) => {
-                        self.host.destroy(domain)?;
-                        return Err(Error::Refused("memory restore thread panicked".into()));
+                        Err(Error::Refused("memory restore thread panicked".into()))
                     }
-                }
+                };
+                let written = match outcome {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Never leave a domain with a partial or unverified memory.
+                        self.host.destroy(domain)?;
+                        return Err(e);
+                    }
+                };
                 detail.bytes_read = Some(written);
             }
             Step::SetRunState => {
@@ -217,7 +218,11 @@ impl Engine {
                     _ => {}
                 }
             }
-            other => return Err(Error::Refused(format!("step {other} is not part of revert"))),
+            other => {
+                return Err(Error::Refused(format!(
+                    "step {other} is not part of revert"
+                )))
+            }
         }
         Ok((detail, Batch::new()))
     }

@@ -28,8 +28,9 @@ impl VerifyReport {
 
 /// Whether a qcow2 snapshot tag has the shape domsnap gives its tags (`name@op`).
 fn looks_like_ours(tag: &str) -> bool {
-    tag.rsplit_once('@')
-        .is_some_and(|(name, op)| !name.is_empty() && !op.is_empty() && op.bytes().all(|b| b.is_ascii_digit()))
+    tag.rsplit_once('@').is_some_and(|(name, op)| {
+        !name.is_empty() && !op.is_empty() && op.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 impl Engine {
@@ -109,7 +110,9 @@ impl Engine {
         if deep {
             for image in referenced.keys() {
                 if let Err(e) = self.memory.verify(&self.journal, image) {
-                    report.memory.push(format!("image {image}: {}", error_chain(&e)));
+                    report
+                        .memory
+                        .push(format!("image {image}: {}", error_chain(&e)));
                 }
             }
         }

@@ -94,7 +94,9 @@ impl Catalog {
                 _ => {}
             }
         }
-        catalog.domains.retain(|_, d| !d.snapshots.is_empty() || d.current.is_some());
+        catalog
+            .domains
+            .retain(|_, d| !d.snapshots.is_empty() || d.current.is_some());
         catalog
     }
 }

@@ -21,7 +21,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, DomainCatalog};
@@ -186,7 +188,8 @@ impl Batch {
 
     /// Sets `key` in `table` to the record encoding of `value`.
     pub fn put<T: Serialize>(&mut self, table: Table, key: &[u8], value: &T) -> Result<&mut Batch> {
-        self.puts.push((table, key.to_vec(), record::encode(value)?));
+        self.puts
+            .push((table, key.to_vec(), record::encode(value)?));
         Ok(self)
     }
 
@@ -236,7 +239,9 @@ impl std::fmt::Debug for Journal {
 fn db_err(op: &'static str) -> impl Fn(rocksdb::Error) -> Error {
     move |e| {
         let message = e.to_string();
-        if message.contains("lock") && (message.contains("LOCK") || message.contains("Resource temporarily")) {
+        if message.contains("lock")
+            && (message.contains("LOCK") || message.contains("Resource temporarily"))
+        {
             Error::Busy(message)
         } else {
             Error::Db { op, message }
@@ -383,13 +388,16 @@ impl Journal {
                 }
                 summaries.insert(op, OpSummary::begun(b));
                 wb.put_cf(self.cf(CF_OPEN)?, be(op), []);
-            } else if !summaries.contains_key(&op) {
-                let summary = self.op(op)?.ok_or_else(|| {
-                    Error::Encode(format!("event for unknown operation {op}"))
-                })?;
-                summaries.insert(op, summary);
             }
-            let summary = summaries.get_mut(&op).ok_or_else(|| Error::Encode("op".into()))?;
+            let summary = match summaries.entry(op) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let stored = self.op(op)?.ok_or_else(|| {
+                        Error::Encode(format!("event for unknown operation {op}"))
+                    })?;
+                    e.insert(stored)
+                }
+            };
             summary.apply(event);
             if event.is_end() {
                 wb.delete_cf(self.cf(CF_OPEN)?, be(op));
@@ -416,7 +424,11 @@ impl Journal {
             wb.put_cf(self.cf(CF_OPS)?, be(*op), record::encode(summary)?);
         }
         for (domain, catalog) in &catalogs {
-            wb.put_cf(self.cf(CF_CATALOG)?, domain.as_bytes(), record::encode(catalog)?);
+            wb.put_cf(
+                self.cf(CF_CATALOG)?,
+                domain.as_bytes(),
+                record::encode(catalog)?,
+            );
         }
         for (table, key, value) in batch.puts {
             wb.put_cf(self.cf(table.cf())?, key, value);
@@ -450,7 +462,10 @@ impl Journal {
     /// Every event, in order.
     pub fn events(&self) -> Result<Vec<(Seq, Event)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_EVENTS)?, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_EVENTS)?, IteratorMode::Start)
+        {
             let (key, value) = item.map_err(db_err("read"))?;
             let seq = seq_of(&key, "events")?;
             out.push((seq, record::decode(&value, || format!("events/{seq}"))?));
@@ -546,7 +561,10 @@ impl Journal {
     /// The stored catalog of every domain.
     pub fn catalog(&self) -> Result<Catalog> {
         let mut catalog = Catalog::default();
-        for item in self.db.iterator_cf(self.cf(CF_CATALOG)?, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CATALOG)?, IteratorMode::Start)
+        {
             let (key, value) = item.map_err(db_err("read"))?;
             let domain = String::from_utf8_lossy(&key).into_owned();
             let c: DomainCatalog = record::decode(&value, || format!("catalog/{domain}"))?;
@@ -558,7 +576,11 @@ impl Journal {
     }
 
     /// Reads `key` from an engine table.
-    pub fn get<T: serde::de::DeserializeOwned>(&self, table: Table, key: &[u8]) -> Result<Option<T>> {
+    pub fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &[u8],
+    ) -> Result<Option<T>> {
         let bytes = self
             .db
             .get_cf(self.cf(table.cf())?, key)
@@ -599,14 +621,20 @@ impl Journal {
         let mut expected_seq = 1;
         for (seq, _) in &events {
             if *seq != expected_seq {
-                problems.push(format!("event sequence jumps from {} to {seq}", expected_seq - 1));
+                problems.push(format!(
+                    "event sequence jumps from {} to {seq}",
+                    expected_seq - 1
+                ));
             }
             expected_seq = seq + 1;
         }
         let rebuilt = Catalog::replay(events.iter().map(|(_, e)| e));
         let stored = self.catalog()?;
-        let names: std::collections::BTreeSet<&String> =
-            rebuilt.domains.keys().chain(stored.domains.keys()).collect();
+        let names: std::collections::BTreeSet<&String> = rebuilt
+            .domains
+            .keys()
+            .chain(stored.domains.keys())
+            .collect();
         for domain in names {
             let (r, s) = (rebuilt.domains.get(domain), stored.domains.get(domain));
             if r != s {
@@ -625,10 +653,9 @@ impl Journal {
                 }
                 other => match summaries.get_mut(&other.op()) {
                     Some(s) => s.apply(other),
-                    None => problems.push(format!(
-                        "event of operation {} before it began",
-                        other.op()
-                    )),
+                    None => {
+                        problems.push(format!("event of operation {} before it began", other.op()))
+                    }
                 },
             }
         }
@@ -695,7 +722,11 @@ impl Journal {
     #[doc(hidden)]
     pub fn tamper_catalog(&mut self, domain: &str, catalog: &DomainCatalog) -> Result<()> {
         self.db
-            .put_cf(self.cf(CF_CATALOG)?, domain.as_bytes(), record::encode(catalog)?)
+            .put_cf(
+                self.cf(CF_CATALOG)?,
+                domain.as_bytes(),
+                record::encode(catalog)?,
+            )
             .map_err(db_err("write"))
     }
 }

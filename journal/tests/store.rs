@@ -116,7 +116,11 @@ fn verify_finds_a_tampered_catalog_and_rebuild_repairs_it() {
     assert!(problems[0].contains("web01"));
     j.rebuild_projections().unwrap();
     assert!(j.verify().unwrap().is_empty());
-    assert!(j.domain_catalog("web01").unwrap().snapshots.contains_key("a"));
+    assert!(j
+        .domain_catalog("web01")
+        .unwrap()
+        .snapshots
+        .contains_key("a"));
 }
 
 #[test]
@@ -125,7 +129,11 @@ fn readers_work_beside_the_writer_and_a_second_writer_is_busy() {
     let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
     create(&mut j, "web01", "a", None);
     let r = Journal::open(dir.path(), Mode::ReadOnly).unwrap();
-    assert!(r.domain_catalog("web01").unwrap().snapshots.contains_key("a"));
+    assert!(r
+        .domain_catalog("web01")
+        .unwrap()
+        .snapshots
+        .contains_key("a"));
     assert!(matches!(
         Journal::open(dir.path(), Mode::Primary),
         Err(Error::Busy(_))

@@ -47,6 +47,7 @@ mod error;
 pub mod format;
 mod gc;
 mod reader;
+mod whole;
 mod writer;
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use journal::{Journal, Table};
 
 use super::error::{io, Error, Result};
 use super::format::{self, ChunkEntry, Piece, CHUNK_MAX};
+use super::whole::WholeHash;
 use super::MemStore;
 
 static ZEROS: [u8; CHUNK_MAX] = [0; CHUNK_MAX];
@@ -25,7 +26,7 @@ pub(super) fn read_image(
     let head = super::load_head(journal, image, &id)?;
     let mut packs: HashMap<u64, File> = HashMap::new();
     let mut buf = vec![0u8; CHUNK_MAX];
-    let mut whole = blake3::Hasher::new();
+    let mut whole = WholeHash::new();
     let mut done = 0u64;
     let sink_err = |e| Error::Io {
         op: "write restored image to",
@@ -36,14 +37,14 @@ pub(super) fn read_image(
         for piece in super::load_segment(journal, image, &id, segment)? {
             match piece {
                 Piece::Zero { len } => {
-                    let mut left = len;
-                    while left > 0 {
-                        let n = left.min(ZEROS.len() as u64) as usize;
-                        whole.update(&ZEROS[..n]);
-                        if let Some(sink) = sink.as_deref_mut() {
+                    whole.zeros(len);
+                    if let Some(sink) = sink.as_deref_mut() {
+                        let mut left = len;
+                        while left > 0 {
+                            let n = left.min(ZEROS.len() as u64) as usize;
                             sink.write_all(&ZEROS[..n]).map_err(sink_err)?;
+                            left -= n as u64;
                         }
-                        left -= n as u64;
                     }
                 }
                 Piece::Data { id: chunk, len } => {
@@ -97,7 +98,7 @@ pub(super) fn read_image(
             progress(done);
         }
     }
-    let found = whole.finalize();
+    let found = whole.finish()?;
     if found.as_bytes() != &id || done != head.bytes {
         return Err(Error::ImageHash {
             image: image.to_string(),
