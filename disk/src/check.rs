@@ -195,6 +195,8 @@ pub fn check(path: &Path) -> Result<CheckReport> {
 }
 
 pub fn repair_leaks(path: &Path) -> Result<CheckReport> {
+    // Lock first, so that nothing changes between the check and the repair.
+    let img = Image::open(path, true)?;
     let (report, rc, refs) = run(path)?;
     if report.corruptions > 0 {
         return Err(Error::Corruption {
@@ -209,7 +211,6 @@ pub fn repair_leaks(path: &Path) -> Result<CheckReport> {
     if report.leaks == 0 {
         return Ok(report);
     }
-    let img = Image::open(path, true)?;
     let mut txn = Txn::begin(&img)?;
     if txn.new.len() != rc.len() {
         return Err(Error::Corruption {
@@ -223,5 +224,6 @@ pub fn repair_leaks(path: &Path) -> Result<CheckReport> {
         }
     }
     txn.commit(img.header.clone())?;
+    drop(img);
     check(path)
 }

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub struct DataImage {
     path: PathBuf,
     inner: FormatAccess<File>,
+    /// Holds the QEMU-compatible locks (see `lock`) while the image is open.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for DataImage {
@@ -34,7 +36,8 @@ impl DataImage {
     /// Opens `path` for reading and writing.
     pub fn open(path: &Path) -> Result<Self> {
         // Refuse what the snapshot code refuses too, with this crate's errors.
-        let img = crate::meta::Image::open(path, true)?;
+        let img = crate::meta::Image::open(path, false)?;
+        img.header.check_writable(path)?;
         let h = &img.header;
         if h.extended_l2() || h.incompatible & crate::format::INCOMPAT_COMPRESSION != 0 {
             return Err(Error::Unsupported {
@@ -42,6 +45,14 @@ impl DataImage {
                 what: "guest I/O on images with extended L2 entries or zstd compression".into(),
             });
         }
+        // imago takes no locks: hold QEMU-compatible ones on a file of our own, taken before
+        // imago writes anything.
+        let lock_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(crate::error::io("open image for locking", path))?;
+        crate::lock::writer(&lock_file, path)?;
         let qcow2 = Qcow2::<File>::builder_path(path)
             .write(true)
             .open(PermissiveImplicitOpenGate::default())
@@ -53,6 +64,7 @@ impl DataImage {
         Ok(DataImage {
             path: path.to_path_buf(),
             inner: FormatAccess::new(qcow2),
+            _lock: lock_file,
         })
     }
 

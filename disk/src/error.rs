@@ -62,6 +62,13 @@ pub enum Error {
         /// The image.
         path: PathBuf,
     },
+    /// Another process (QEMU, or a [`crate::DataImage`]) has the image open in a way that
+    /// conflicts (see QEMU's image locking).
+    #[error("{} is in use by another process", path.display())]
+    Locked {
+        /// The image.
+        path: PathBuf,
+    },
     /// An armed failpoint stopped the operation (only with the `failpoints` feature).
     #[error("failpoint {0} triggered")]
     FailPoint(&'static str),

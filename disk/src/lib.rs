@@ -25,6 +25,7 @@ mod data;
 mod error;
 mod format;
 mod internal;
+mod lock;
 mod meta;
 mod overlay;
 mod table;

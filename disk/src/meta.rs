@@ -41,7 +41,8 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens and parses the header. `writable` also checks that this crate may modify it.
+    /// Opens and parses the header. `writable` also checks that this crate may modify it and
+    /// locks it against QEMU and other writers (see `lock`) until dropped.
     pub fn open(path: &Path, writable: bool) -> Result<Image> {
         let file = OpenOptions::new()
             .read(true)
@@ -55,6 +56,7 @@ impl Image {
         let header = Header::parse(path, &first, len)?;
         if writable {
             header.check_writable(path)?;
+            crate::lock::exclusive(&file, path)?;
         }
         Ok(Image {
             path: path.to_path_buf(),

@@ -180,7 +180,8 @@ pub fn commit_overlay(overlay: &Path) -> Result<()> {
 }
 
 pub fn rebase(image: &Path, new_backing: Option<&Path>) -> Result<()> {
-    let img = Image::open(image, true)?;
+    let img = Image::open(image, false)?;
+    img.header.check_writable(image)?;
     let cs = img.cs();
     let size = img.header.size;
     let own = own_clusters(&img)?;
@@ -234,6 +235,7 @@ pub fn rebase(image: &Path, new_backing: Option<&Path>) -> Result<()> {
         }
     }
     // Switch the backing file name.
+    drop(img);
     let img = Image::open(image, true)?;
     let h = &img.header;
     let mut fields = [0u8; 12];

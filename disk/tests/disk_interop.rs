@@ -165,3 +165,39 @@ fn leaks_are_found_and_repaired() {
     assert_qemu_clean(&img);
     assert_eq!(qemu_snapshots(&img), vec!["a".to_string()]);
 }
+
+#[test]
+fn locks_keep_qemu_and_us_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("lk.qcow2");
+    disk::create_image(&img, 4 * MIB, None).unwrap();
+    {
+        let mut d = DataImage::open(&img).unwrap();
+        d.write_at(&[1; 512], 0).unwrap();
+        // Snapshot operations, a second writer and qemu-img all refuse; listing works.
+        assert!(matches!(
+            disk::create_snapshot(&img, "x"),
+            Err(disk::Error::Locked { .. })
+        ));
+        assert!(matches!(
+            DataImage::open(&img),
+            Err(disk::Error::Locked { .. })
+        ));
+        assert_ne!(run("qemu-img", &["snapshot", "-c", "q", s(&img)]).0, 0);
+        assert!(disk::list_snapshots(&img).unwrap().is_empty());
+    }
+    // A running QEMU writer (qemu-io sleeping with the image open) blocks us as well.
+    let mut child = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 3000", s(&img)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let r = disk::create_snapshot(&img, "x");
+    let opened = DataImage::open(&img);
+    child.wait().unwrap();
+    assert!(matches!(r, Err(disk::Error::Locked { .. })), "{r:?}");
+    assert!(matches!(opened, Err(disk::Error::Locked { .. })));
+    disk::create_snapshot(&img, "x").unwrap();
+    assert_qemu_clean(&img);
+}
