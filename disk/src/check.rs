@@ -7,8 +7,9 @@
 //! touch). A cluster whose refcount is below its reference count, a malformed or
 //! out-of-file reference, or a COPIED flag in the active tables that disagrees with
 //! "refcount == 1" is a corruption; a refcount above the reference count is a leak.
-//! Persistent bitmaps are not walked: their clusters show up as leaks, and repairing them
-//! also clears the bitmaps' autoclear bit (which every metadata change here does anyway).
+//! When the bitmaps autoclear bit is set, the persistent bitmaps are walked too (bitmap
+//! directory, bitmap tables, bitmap data clusters); otherwise their clusters count as leaks,
+//! as in QEMU.
 
 use crate::error::{Error, Result};
 use crate::format::{l2_ref, L2Ref, COPIED, OFFSET_MASK};
@@ -129,6 +130,36 @@ impl Walk<'_> {
     }
 }
 
+impl Walk<'_> {
+    /// Bitmap directory entries: 0..8 table offset, 8..12 table entries, 12..16 flags,
+    /// 16 type, 17 granularity bits, 18..20 name size, 20..24 extra data size, extra data,
+    /// name, padding to 8. Table entries: bits 9..56 data cluster offset (0: none).
+    fn walk_bitmaps(&mut self, dir_off: u64, dir_len: u64) {
+        use crate::format::{be16, be32, be64};
+        self.inc(dir_off, dir_off.saturating_add(dir_len), "bitmap directory");
+        let dir = match self.img.read(dir_off, dir_len, "bitmap directory") {
+            Ok(d) => d,
+            Err(e) => return self.report.corruption(e.to_string()),
+        };
+        let mut at = 0usize;
+        while at + 24 <= dir.len() {
+            let table = be64(&dir, at);
+            let entries = u64::from(be32(&dir, at + 8));
+            let len = 24 + be32(&dir, at + 20) as usize + be16(&dir, at + 18) as usize;
+            self.inc(table, table.saturating_add(entries * 8), "bitmap table");
+            match self.img.read_u64s(table, entries, "bitmap table") {
+                Ok(t) => {
+                    for e in t.iter().map(|e| e & OFFSET_MASK).filter(|o| *o != 0) {
+                        self.inc(e, e + self.img.cs(), "bitmap data");
+                    }
+                }
+                Err(e) => self.report.corruption(e.to_string()),
+            }
+            at += len.next_multiple_of(8);
+        }
+    }
+}
+
 /// Checks the image; returns the report and the reference count of every cluster.
 fn run(path: &Path) -> Result<(CheckReport, Vec<u64>, Vec<u64>)> {
     let img = Image::open(path, false)?;
@@ -156,6 +187,9 @@ fn run(path: &Path) -> Result<(CheckReport, Vec<u64>, Vec<u64>)> {
         w.inc(b, b + cs, "refcount block");
     }
     w.walk_l1(h.l1_table_offset, h.l1_size, true, &rc);
+    if let Some((dir_off, dir_len)) = h.bitmap_directory() {
+        w.walk_bitmaps(dir_off, dir_len);
+    }
     match img.read_snapshots() {
         Ok((snaps, len)) => {
             if len > 0 {
@@ -212,6 +246,7 @@ pub fn repair_leaks(path: &Path) -> Result<CheckReport> {
         return Ok(report);
     }
     let mut txn = Txn::begin(&img)?;
+    txn.keep_bitmaps = true;
     if txn.new.len() != rc.len() {
         return Err(Error::Corruption {
             path: path.to_path_buf(),

@@ -60,6 +60,10 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature: extended L2 entries (subclusters).
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 
+/// Autoclear feature: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Header extension: persistent dirty bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Header extension: backing file format name.
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Header extension: full disk encryption header pointer.
@@ -388,6 +392,18 @@ impl Header {
             .iter()
             .find(|e| e.kind == EXT_BACKING_FORMAT)
             .map(|e| String::from_utf8_lossy(&e.data).into_owned())
+    }
+
+    /// The bitmap directory (offset, size in bytes) when the bitmaps are consistent.
+    pub fn bitmap_directory(&self) -> Option<(u64, u64)> {
+        if self.autoclear & AUTOCLEAR_BITMAPS == 0 {
+            return None;
+        }
+        let e = self
+            .extensions
+            .iter()
+            .find(|e| e.kind == EXT_BITMAPS && e.data.len() >= 24)?;
+        Some((be64(&e.data, 16), be64(&e.data, 8)))
     }
 
     /// The header bytes 24..96 (24..72 for version 2) as they are written at a commit.

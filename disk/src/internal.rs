@@ -122,6 +122,7 @@ pub fn create(path: &Path, name: &str) -> Result<Snapshot> {
     let h = img.header.clone();
     let l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;
     let mut txn = Txn::begin(&img)?;
+    txn.keep_bitmaps = true;
     for e in &l1 {
         txn.add_l2_path(*e, 1)?;
     }
@@ -169,6 +170,13 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
     let (entries, _) = img.read_snapshots()?;
     let (_, snap) = find(&img, &entries, name)?;
     let h = img.header.clone();
+    if h.bitmap_directory().is_some() {
+        // As QEMU: reverting the content would make the dirty bitmaps lie.
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            what: "applying a snapshot to an image with persistent dirty bitmaps".into(),
+        });
+    }
     let old_l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;
     let mut snap_l1 = img.read_l1(snap.l1_table_offset, snap.l1_size)?;
     let new_size = snap.disk_size.unwrap_or(h.size);
@@ -204,6 +212,7 @@ pub fn delete(path: &Path, name: &str) -> Result<()> {
     let l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;
     let snap_l1 = img.read_l1(snap.l1_table_offset, snap.l1_size)?;
     let mut txn = Txn::begin(&img)?;
+    txn.keep_bitmaps = true;
     for e in &snap_l1 {
         txn.add_l2_path(*e, -1)?;
     }

@@ -212,6 +212,8 @@ pub struct Txn<'a> {
     writes: Vec<(u64, Vec<u8>, &'static str)>,
     cursor: usize,
     l2_cache: HashMap<u64, Rc<Vec<u64>>>,
+    /// Whether persistent bitmaps stay valid (the change leaves guest content alone).
+    pub keep_bitmaps: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -226,6 +228,7 @@ impl<'a> Txn<'a> {
             writes: Vec::new(),
             cursor: 1,
             l2_cache: HashMap::new(),
+            keep_bitmaps: false,
         })
     }
 
@@ -438,8 +441,12 @@ impl<'a> Txn<'a> {
         }
         header.refcount_table_offset = rt_off;
         header.refcount_table_clusters = rt_clusters as u32;
-        // Autoclear features this crate does not maintain (bitmaps) become invalid.
-        header.autoclear = 0;
+        // Clear the autoclear features this change does not maintain: all but the bitmaps,
+        // which stay valid when the guest-visible content does not change.
+        if !self.keep_bitmaps {
+            header.autoclear = 0;
+        }
+        header.autoclear &= crate::format::AUTOCLEAR_BITMAPS;
 
         let path = &img.path;
         let mut last = "";

@@ -244,3 +244,30 @@ fn unknown_autoclear_bits_are_cleared_on_write() {
     assert_eq!(u64::from_be_bytes(b), 0);
     assert_qemu_clean(&img);
 }
+
+#[test]
+fn persistent_bitmaps_are_kept_like_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_create(dir.path(), "cluster_size=65536", 4 * MIB);
+    qemu_io(&img, "write -P 0x11 0 1M");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    assert_qemu_clean(&img);
+    disk::create_snapshot(&img, "a").unwrap();
+    qemu_img(&["snapshot", "-c", "q", s(&img)]);
+    assert_qemu_clean(&img);
+    let info = qemu_img(&["info", s(&img)]);
+    assert!(
+        info.contains("name: b0") && !info.contains("inconsistent"),
+        "{info}"
+    );
+    // Applying is refused, as QEMU refuses it.
+    assert!(matches!(
+        disk::apply_snapshot(&img, "a"),
+        Err(disk::Error::Unsupported { .. })
+    ));
+    disk::delete_snapshot(&img, "a").unwrap();
+    disk::delete_snapshot(&img, "q").unwrap();
+    assert_qemu_clean(&img);
+    let (code, text) = run("qemu-img", &["check", s(&img)]);
+    assert!(code == 0 && !text.contains("warning"), "{text}");
+}
