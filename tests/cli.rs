@@ -163,6 +163,11 @@ fn delete_reparents_children_and_children_flag_deletes_a_subtree() {
     let tree = env.run(&["list", "app", "--tree"]);
     assert!(tree.contains("└── d (disk-only)  <- current"), "{tree}");
 
+    // The catalog is a projection of the journal: rebuilt from the events, it is the same.
+    let list = env.json(&["list", "app"]);
+    env.run(&["verify", "--rebuild"]);
+    assert_eq!(env.json(&["list", "app"]), list);
+
     env.run(&["delete", "app", "a", "--children"]);
     assert!(env.snapshot_names("app").is_empty());
     for (_, tags) in env.qemu_tags("app") {
@@ -404,4 +409,71 @@ fn demo_runs_and_passes_its_checks() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("demo finished: every check passed"), "{text}");
+}
+
+#[test]
+fn a_damaged_memory_image_aborts_the_revert_before_the_domain_is_touched() {
+    let env = Env::new();
+    env.running_domain("v", "16M", &["32M"]);
+    // Incompressible memory, so the image has stored chunks to damage.
+    env.run(&["domain", "pause", "v"]);
+    let path = env.memory_path("v");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(4096)).unwrap();
+    let noise: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    f.write_all(&noise).unwrap();
+    drop(f);
+    env.run(&["create", "v", "cp"]);
+    env.run(&["domain", "unpause", "v"]);
+    env.wait_counter("v", 20);
+    // Flip one byte in the middle of the largest pack file.
+    let pack = walk(&env.state().join("memory"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(&pack).unwrap().len();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.seek(SeekFrom::Start(len / 2)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut byte).unwrap();
+    f.seek(SeekFrom::Start(len / 2)).unwrap();
+    f.write_all(&[byte[0] ^ 0x40]).unwrap();
+    drop(f);
+
+    let before = env.memory_counter("v");
+    let out = env.try_run(&["revert", "v", "cp"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("verify-image") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(
+        env.domain_state("v"),
+        "running",
+        "the domain was not touched"
+    );
+    assert!(
+        env.wait_counter("v", 10) > before,
+        "it runs on from where it was"
+    );
+    let op = env
+        .json(&["history", "v"])
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(op["kind"], "revert");
+    assert_eq!(op["outcome"], "rolled-back");
+    // verify --deep names the damage.
+    let out = env.try_run(&["verify", "--deep"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("memory:"));
 }

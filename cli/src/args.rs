@@ -213,6 +213,9 @@ pub struct VerifyArgs {
     /// Also read and hash every memory chunk.
     #[arg(long)]
     pub deep: bool,
+    /// Rebuild the catalog from the journal's events first.
+    #[arg(long)]
+    pub rebuild: bool,
 }
 
 /// `demo`.

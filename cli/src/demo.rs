@@ -72,7 +72,9 @@ fn say(text: &str) {
 /// `keep`).
 pub fn run(state: Option<PathBuf>, keep: bool, json: bool) -> anyhow::Result<()> {
     if json {
-        bail!(crate::Usage("demo prints a narrated tour; it has no --json output".into()));
+        bail!(crate::Usage(
+            "demo prints a narrated tour; it has no --json output".into()
+        ));
     }
     let exe = std::env::current_exe().context("locating the domsnap executable")?;
     let (state, temp) = match state {
@@ -115,13 +117,21 @@ fn wait_for_progress(demo: &Demo, past: u64) -> anyhow::Result<u64> {
 
 fn tour(demo: &Demo) -> anyhow::Result<()> {
     say("A simulated Xen domain: 64 MiB of memory, two qcow2 disks. Its vCPU counts: n += 1, writes n to disk xvda, then to memory.");
-    demo.run(&["domain", "define", DOMAIN, "--memory", "64M", "--disk", "256M", "--disk", "64M"])?;
+    demo.run(&[
+        "domain", "define", DOMAIN, "--memory", "64M", "--disk", "256M", "--disk", "64M",
+    ])?;
     demo.run(&["domain", "start", DOMAIN, "--workload", "counter"])?;
     let n0 = wait_for_progress(demo, 0)?;
     println!("counter in memory: {n0}");
 
     say("A checkpoint of the running domain: paused, memory saved into the chunk store, both disks snapshotted, resumed.");
-    demo.run(&["create", DOMAIN, "before-upgrade", "--description", "taken while running"])?;
+    demo.run(&[
+        "create",
+        DOMAIN,
+        "before-upgrade",
+        "--description",
+        "taken while running",
+    ])?;
 
     say("Pause, note the counter, and take a checkpoint of the paused domain.");
     demo.run(&["domain", "pause", DOMAIN])?;

@@ -109,9 +109,8 @@ fn state_dir(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
         return Ok(PathBuf::from(data).join("domsnap"));
     }
-    let home = std::env::var_os("HOME").ok_or_else(|| {
-        Usage("no state directory: give --state DIR or set DOMSNAP_STATE".into())
-    })?;
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| Usage("no state directory: give --state DIR or set DOMSNAP_STATE".into()))?;
     Ok(PathBuf::from(home).join(".local/share/domsnap"))
 }
 
@@ -156,7 +155,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return demo::run(cli.state.clone(), args.keep, json);
     }
     let state = state_dir(cli.state)?;
-    let open = |access, domain: Option<&str>| open_engine(cli.host, &state, access, domain, cli.wait, json);
+    let open = |access, domain: Option<&str>| {
+        open_engine(cli.host, &state, access, domain, cli.wait, json)
+    };
     match cli.command {
         Command::Domain(cmd) => domain_command(cli.host, &state, cmd, json),
         Command::Create(a) => {
@@ -174,10 +175,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 description: a.description,
             })?;
             let view = engine.info(&a.domain, &meta.name)?;
-            output::created(&view, &engine.history(&HistoryFilter {
-                op: Some(meta.op),
-                ..HistoryFilter::default()
-            })?, json)
+            output::created(
+                &view,
+                &engine.history(&HistoryFilter {
+                    op: Some(meta.op),
+                    ..HistoryFilter::default()
+                })?,
+                json,
+            )
         }
         Command::Revert(a) => {
             let state_arg = match (a.running, a.paused) {
@@ -233,7 +238,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output::recovered(&report, json)
         }
         Command::Verify(a) => {
-            let engine = open(Access::Read, None)?;
+            let access = if a.rebuild {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            let mut engine = open(access, None)?;
+            if a.rebuild {
+                engine.rebuild_catalog()?;
+            }
             let report = engine.verify(a.domain.as_deref(), a.deep)?;
             output::verified(&report, json)?;
             if report.is_clean() {
@@ -278,16 +291,23 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| Usage(format!("size {s:?}: expected a number with an optional K, M, G or T")))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        Usage(format!(
+            "size {s:?}: expected a number with an optional K, M, G or T"
+        ))
+    })?;
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        _ => return Err(Usage(format!("size {s:?}: unknown unit {unit:?} (use K, M, G or T)")).into()),
+        _ => {
+            return Err(Usage(format!(
+                "size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ))
+            .into())
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| Usage(format!("size {s:?} is too large")).into())
@@ -301,7 +321,12 @@ fn sim_only(kind: HostKind) -> anyhow::Result<()> {
     }
 }
 
-fn domain_command(kind: HostKind, state: &Path, cmd: DomainCommand, json: bool) -> anyhow::Result<()> {
+fn domain_command(
+    kind: HostKind,
+    state: &Path,
+    cmd: DomainCommand,
+    json: bool,
+) -> anyhow::Result<()> {
     let host_box = open_host(kind, state)?;
     let sim = || -> anyhow::Result<SimHost> {
         sim_only(kind)?;

@@ -63,7 +63,9 @@ pub fn domain(info: &DomainInfo, json: bool) -> anyhow::Result<()> {
 /// `domain list`.
 pub fn domains(list: &[DomainInfo], json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&serde_json::Value::Array(list.iter().map(domain_json).collect()));
+        return print_json(&serde_json::Value::Array(
+            list.iter().map(domain_json).collect(),
+        ));
     }
     if list.is_empty() {
         println!("no domains");
@@ -124,7 +126,10 @@ pub fn reverted(domain: &str, name: &str, info: &DomainInfo, json: bool) -> anyh
             "state": info.state.to_string(),
         }));
     }
-    println!("reverted domain {domain} to snapshot {name}; it is {}", info.state);
+    println!(
+        "reverted domain {domain} to snapshot {name}; it is {}",
+        info.state
+    );
     Ok(())
 }
 
@@ -142,7 +147,9 @@ pub fn deleted(domain: &str, names: &[String], json: bool) -> anyhow::Result<()>
 /// `list`.
 pub fn list(domain: &str, snaps: &[SnapshotView], json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&serde_json::Value::Array(snaps.iter().map(snapshot_json).collect()));
+        return print_json(&serde_json::Value::Array(
+            snaps.iter().map(snapshot_json).collect(),
+        ));
     }
     if snaps.is_empty() {
         println!("domain {domain} has no snapshots");
@@ -205,7 +212,11 @@ pub fn info(s: &SnapshotView, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&snapshot_json(s));
     }
-    println!("snapshot {}{}", s.name, if s.current { " (current)" } else { "" });
+    println!(
+        "snapshot {}{}",
+        s.name,
+        if s.current { " (current)" } else { "" }
+    );
     println!("  kind          {}", s.kind);
     println!("  created       {} (operation {})", s.created, s.op);
     println!("  domain state  {}", s.domain_state);
@@ -252,7 +263,9 @@ pub fn history(ops: &[OpView], json: bool) -> anyhow::Result<()> {
                 "       {:<28} {:<11} {:>6} ms",
                 s.name,
                 s.outcome,
-                s.duration_ms.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+                s.duration_ms
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "-".into())
             );
             if let Some(read) = s.bytes_read {
                 line.push_str(&format!("  {} read", bytes(read)));

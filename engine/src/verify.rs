@@ -121,6 +121,12 @@ impl Engine {
 }
 
 impl Engine {
+    /// Rewrites the catalog and the operation index from the journal's events.
+    pub fn rebuild_catalog(&mut self) -> Result<()> {
+        self.require_writer()?;
+        Ok(self.journal.rebuild_projections()?)
+    }
+
     /// Removes memory chunks that no image needs any more and pack files nothing points
     /// into.
     pub fn gc(&mut self) -> Result<crate::memstore::GcReport> {
