@@ -62,7 +62,10 @@ fn create_killed_at_every_step_is_rolled_back_or_forward() {
         ("engine::create::after-save-memory", "rolled-back"),
         ("engine::create::before-snapshot-disk", "rolled-back"),
         ("engine::create::after-snapshot-disk", "rolled-back"),
-        ("1*off->return|engine::create::after-snapshot-disk", "rolled-forward"),
+        (
+            "1*off->return|engine::create::after-snapshot-disk",
+            "rolled-forward",
+        ),
         ("engine::create::before-resume", "rolled-forward"),
         ("engine::create::after-resume", "rolled-forward"),
         ("engine::create::before-commit", "rolled-forward"),
@@ -84,8 +87,15 @@ fn create_killed_at_every_step_is_rolled_back_or_forward() {
         let op = check_recovered(&env, "c", "running");
         assert_eq!(op["outcome"], *outcome, "{fp}: {op}");
         let names = env.snapshot_names("c");
-        assert_eq!(names.contains("snap"), *outcome == "rolled-forward", "{fp}: {names:?}");
-        assert!(op["recovery"].as_str().is_some(), "{fp}: recovery is journaled");
+        assert_eq!(
+            names.contains("snap"),
+            *outcome == "rolled-forward",
+            "{fp}: {names:?}"
+        );
+        assert!(
+            op["recovery"].as_str().is_some(),
+            "{fp}: recovery is journaled"
+        );
         // The domain is usable: a new snapshot and a revert to it work.
         env.run(&["create", "c", "after"]);
         env.run(&["revert", "c", "base"]);
@@ -106,11 +116,20 @@ fn a_failed_step_rolls_the_create_back_at_once() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("save-memory") && err.contains("rolled back"), "{err}");
+    assert!(
+        err.contains("save-memory") && err.contains("rolled back"),
+        "{err}"
+    );
     let op = check_recovered(&env, "f", "running");
     assert_eq!(op["outcome"], "rolled-back");
-    assert!(op["recovery"].is_null(), "rolled back by itself, not by recovery");
-    assert_eq!(env.snapshot_names("f").into_iter().collect::<Vec<_>>(), ["base"]);
+    assert!(
+        op["recovery"].is_null(),
+        "rolled back by itself, not by recovery"
+    );
+    assert_eq!(
+        env.snapshot_names("f").into_iter().collect::<Vec<_>>(),
+        ["base"]
+    );
     // The half-written pack file is gone; gc has nothing to do with it.
     env.run(&["gc"]);
     env.assert_consistent("f");
@@ -118,10 +137,17 @@ fn a_failed_step_rolls_the_create_back_at_once() {
 
 #[test]
 fn disk_only_create_killed_while_paused_resumes_the_domain() {
-    for fp in ["engine::create::after-pause", "engine::create::after-snapshot-disk"] {
+    for fp in [
+        "engine::create::after-pause",
+        "engine::create::after-snapshot-disk",
+    ] {
         let env = Env::new();
         env.running_domain("p", "8M", &["32M"]);
-        crash(&env, &["create", "p", "d", "--disk-only", "--crash-consistent"], fp);
+        crash(
+            &env,
+            &["create", "p", "d", "--disk-only", "--crash-consistent"],
+            fp,
+        );
         assert_eq!(env.domain_state("p"), "paused", "the crash left it paused");
         let op = check_recovered(&env, "p", "running");
         let expected = if fp.ends_with("after-pause") {
@@ -162,7 +188,11 @@ fn revert_killed_at_every_step_never_leaves_a_half_reverted_domain() {
             // Rolled forward: the domain is the checkpoint, paused as it was taken.
             let op = check_recovered(&env, "r", "paused");
             assert_eq!(op["outcome"], "rolled-forward", "{fp}");
-            assert_eq!((env.memory_counter("r"), env.disk_counter("r")), (m, d), "{fp}");
+            assert_eq!(
+                (env.memory_counter("r"), env.disk_counter("r")),
+                (m, d),
+                "{fp}"
+            );
             let current = env.json(&["info", "r", "cp"]);
             assert_eq!(current["current"], true);
         } else {
@@ -192,7 +222,10 @@ fn delete_killed_at_every_step_is_finished() {
         crash(&env, &["delete", "d", "one"], fp);
         let op = check_recovered(&env, "d", "running");
         assert_eq!(op["outcome"], "rolled-forward", "{fp}");
-        assert_eq!(env.snapshot_names("d").into_iter().collect::<Vec<_>>(), ["two"]);
+        assert_eq!(
+            env.snapshot_names("d").into_iter().collect::<Vec<_>>(),
+            ["two"]
+        );
         assert_eq!(env.json(&["info", "d", "two"])["parent"], Value::Null);
         env.run(&["revert", "d", "two"]);
         check_recovered(&env, "d", "running");
@@ -203,9 +236,17 @@ fn delete_killed_at_every_step_is_finished() {
 fn a_crash_during_recovery_converges_on_the_next_start() {
     let env = Env::new();
     env.running_domain("x", "16M", &["32M", "32M"]);
-    crash(&env, &["create", "x", "t"], "engine::create::after-snapshot-disk");
+    crash(
+        &env,
+        &["create", "x", "t"],
+        "engine::create::after-snapshot-disk",
+    );
     // Recovery decides to roll back, then dies while undoing the first disk snapshot.
-    crash(&env, &["list", "x"], "engine::create::before-undo-snapshot-disk");
+    crash(
+        &env,
+        &["list", "x"],
+        "engine::create::before-undo-snapshot-disk",
+    );
     crash(&env, &["list", "x"], "engine::recover::after-decide");
     let op = check_recovered(&env, "x", "running");
     assert_eq!(op["outcome"], "rolled-back");
@@ -219,7 +260,10 @@ fn a_second_operation_on_a_busy_domain_is_refused_and_readers_still_work() {
     env.run(&["create", "b", "first"]);
     let mut slow = env
         .cmd(&["create", "b", "slow"])
-        .env("FAILPOINTS", "engine::create::before-snapshot-disk=sleep(4000)")
+        .env(
+            "FAILPOINTS",
+            "engine::create::before-snapshot-disk=sleep(4000)",
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -243,6 +287,9 @@ fn a_second_operation_on_a_busy_domain_is_refused_and_readers_still_work() {
     assert!(env.snapshot_names("b").contains("first"));
     assert!(slow.wait().unwrap().success());
     let names = env.snapshot_names("b");
-    assert!(names.contains("slow") && !names.contains("other"), "{names:?}");
+    assert!(
+        names.contains("slow") && !names.contains("other"),
+        "{names:?}"
+    );
     check_recovered(&env, "b", "running");
 }

@@ -30,7 +30,10 @@ impl Drop for Env {
 impl Env {
     pub fn new() -> Env {
         Env {
-            dir: tempfile::Builder::new().prefix("ds-").tempdir_in("/tmp").unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("ds-")
+                .tempdir_in("/tmp")
+                .unwrap(),
             domains: Default::default(),
         }
     }
@@ -95,7 +98,10 @@ impl Env {
     }
 
     pub fn domain_state(&self, name: &str) -> String {
-        self.domain_info(name)["state"].as_str().unwrap().to_string()
+        self.domain_info(name)["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn memory_path(&self, name: &str) -> PathBuf {
@@ -200,7 +206,11 @@ pub fn qemu_snapshot_names(path: &Path) -> BTreeSet<String> {
         .arg(path)
         .output()
         .expect("qemu-img is installed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["snapshots"]
         .as_array()
