@@ -11,7 +11,7 @@
 #![warn(missing_docs)]
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -139,4 +139,47 @@ pub trait Host {
     /// Makes snapshot `tag` the current state of disk `target`. The domain must be shut off.
     /// Idempotent (applying twice gives the same image content).
     fn apply_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()>;
+
+    /// External snapshot of disk `target`: creates `overlay`, a qcow2 image backed by the
+    /// disk's current image, and makes it the disk's image (through the device model while
+    /// the domain is active; the domain must be paused or shut off). From then on the old
+    /// image is never written. Idempotent: Ok if the disk's image is `overlay` already.
+    fn create_external_snapshot(&self, name: &str, target: &str, overlay: &Path) -> Result<()> {
+        let _ = (name, target, overlay);
+        Err(Error::Invalid(format!(
+            "external snapshots are not supported on the {} host",
+            self.kind()
+        )))
+    }
+
+    /// Reverts disk `target` to the image `base` of an external snapshot: creates `overlay`
+    /// backed by `base` (if it does not exist) and makes it the disk's image. The domain must
+    /// be shut off. The previous image is left in place (see [`Host::remove_image`]).
+    /// Idempotent.
+    fn revert_external_snapshot(
+        &self,
+        name: &str,
+        target: &str,
+        base: &Path,
+        overlay: &Path,
+    ) -> Result<()> {
+        let _ = (name, target, base, overlay);
+        Err(Error::Invalid(format!(
+            "external snapshots are not supported on the {} host",
+            self.kind()
+        )))
+    }
+
+    /// Removes `image` from the image chains of disk `target`: every image of the domain
+    /// whose backing file is `image` is first rebased onto `image`'s own backing file (its
+    /// data pulled in, so what the guest reads does not change; through the device model for
+    /// the image an active domain is using), then the file is deleted. Refuses the disk's
+    /// current image. Idempotent: Ok if the file no longer exists.
+    fn remove_image(&self, name: &str, target: &str, image: &Path) -> Result<()> {
+        let _ = (name, target, image);
+        Err(Error::Invalid(format!(
+            "external snapshots are not supported on the {} host",
+            self.kind()
+        )))
+    }
 }
