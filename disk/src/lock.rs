@@ -20,57 +20,74 @@ use nix::libc;
 use std::fs::File;
 use std::path::Path;
 
-fn lock(file: &File, path: &Path, kind: libc::c_short, start: i64, len: i64) -> Result<()> {
-    let fl = libc::flock {
-        l_type: kind,
+/// Conflicts are retried for a moment: a process forked by another thread holds copies of
+/// our descriptors (and so our locks) until it executes its program.
+const ATTEMPTS: u32 = 25;
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn flock(kind: libc::c_int, start: i64, len: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: start,
         l_len: len,
         l_pid: 0,
-    };
-    match fcntl(file, FcntlArg::F_OFD_SETLK(&fl)) {
-        Ok(_) => Ok(()),
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Err(Error::Locked {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(Error::Io {
-            op: "lock image",
-            path: path.to_path_buf(),
-            source: e.into(),
-        }),
     }
 }
 
-/// Exclusive access for a metadata change (the file must be open for writing).
-pub fn exclusive(file: &File, path: &Path) -> Result<()> {
-    lock(file, path, libc::F_WRLCK as libc::c_short, 100, 5)?;
-    lock(file, path, libc::F_WRLCK as libc::c_short, 200, 5)
+fn lock(file: &File, path: &Path, kind: libc::c_int, start: i64, len: i64) -> Result<()> {
+    let fl = flock(kind, start, len);
+    for _ in 0..ATTEMPTS {
+        match fcntl(file, FcntlArg::F_OFD_SETLK(&fl)) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => std::thread::sleep(PAUSE),
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "lock image",
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    Err(Error::Locked {
+        path: path.to_path_buf(),
+    })
 }
 
-/// The locks of a guest-data writer.
-pub fn writer(file: &File, path: &Path) -> Result<()> {
-    for byte in [100, 101, 201, 203] {
-        lock(file, path, libc::F_RDLCK as libc::c_short, byte, 1)?;
-    }
-    // Refuse if someone (a QEMU reader or writer) does not share what we need.
-    for byte in [200, 201] {
-        let mut probe = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: byte,
-            l_len: 1,
-            l_pid: 0,
-        };
+/// Waits until no other open file holds a lock conflicting with a write lock on `byte`.
+fn unlocked(file: &File, path: &Path, byte: i64) -> Result<()> {
+    for _ in 0..ATTEMPTS {
+        let mut probe = flock(libc::F_WRLCK, byte, 1);
         fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| Error::Io {
             op: "probe image lock",
             path: path.to_path_buf(),
             source: e.into(),
         })?;
-        if probe.l_type != libc::F_UNLCK as libc::c_short {
-            return Err(Error::Locked {
-                path: path.to_path_buf(),
-            });
+        if probe.l_type == libc::F_UNLCK as libc::c_short {
+            return Ok(());
         }
+        std::thread::sleep(PAUSE);
+    }
+    Err(Error::Locked {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Exclusive access for a metadata change (the file must be open for writing).
+pub fn exclusive(file: &File, path: &Path) -> Result<()> {
+    lock(file, path, libc::F_WRLCK, 100, 5)?;
+    lock(file, path, libc::F_WRLCK, 200, 5)
+}
+
+/// The locks of a guest-data writer.
+pub fn writer(file: &File, path: &Path) -> Result<()> {
+    for byte in [100, 101, 201, 203] {
+        lock(file, path, libc::F_RDLCK, byte, 1)?;
+    }
+    // Refuse if someone (a QEMU reader or writer) does not share what we need.
+    for byte in [200, 201] {
+        unlocked(file, path, byte)?;
     }
     Ok(())
 }

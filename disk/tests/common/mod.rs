@@ -4,17 +4,28 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Runs a command. A lock conflict is retried: other tests of the same binary fork
+/// processes that briefly hold copies of this test's descriptors, and so its image locks.
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    let mut attempt = 0;
+    loop {
+        let out = Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let code = out.status.code().unwrap_or(-1);
+        attempt += 1;
+        if code != 0 && text.contains("lock") && attempt < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        return (code, text);
+    }
 }
 
 pub fn ok(cmd: &str, args: &[&str]) -> String {
