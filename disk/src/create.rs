@@ -3,8 +3,9 @@
 //! A new image is laid out as: cluster 0 header (and, for overlays, the backing format
 //! extension and the backing file name), then the refcount table, the refcount blocks and the
 //! L1 table, all zero-initialised except for the refcounts of these clusters. The file is
-//! created with `O_EXCL` (an existing file is never overwritten), written, `fsync`ed, and its
-//! directory `fsync`ed so that the new name is durable too.
+//! written under a temporary name and `fsync`ed, then hard-linked to its final name (which
+//! never replaces an existing file), the temporary name removed, and the directory `fsync`ed
+//! so that the new name is durable too.
 
 use crate::error::{io, Error, Result};
 use crate::format::{put32, put64, EXT_BACKING_FORMAT, MAGIC};
@@ -101,27 +102,57 @@ pub fn create(
             set_refcount(&mut body[blk], j as usize, bits, 1);
         }
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| match e.kind() {
+    if path.exists() {
+        return Err(Error::AlreadyExists {
+            path: path.to_path_buf(),
+        });
+    }
+    // Written under a temporary name, then linked to the final name (which fails rather
+    // than replace an existing file): a crash never leaves a half-written image behind
+    // `path`.
+    let tmp = temp_name(path)?;
+    let result = write_new(&tmp, &head, &body, cs).and_then(|()| {
+        std::fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => Error::AlreadyExists {
                 path: path.to_path_buf(),
             },
             _ => Error::Io {
-                op: "create image",
+                op: "link new image",
                 path: path.to_path_buf(),
                 source: e,
             },
-        })?;
-    file.write_all_at(&head, 0)
-        .map_err(io("write header", path))?;
-    file.write_all_at(&body, cs)
-        .map_err(io("write tables", path))?;
-    file.sync_all().map_err(io("fsync new image", path))?;
+        })
+    });
+    let removed = std::fs::remove_file(&tmp).map_err(io("remove temporary image", &tmp));
+    result?;
+    removed?;
     sync_dir(path)?;
     Ok(())
+}
+
+fn temp_name(path: &Path) -> Result<std::path::PathBuf> {
+    let name = path.file_name().ok_or_else(|| Error::InvalidArgument {
+        path: path.to_path_buf(),
+        what: "no file name".into(),
+    })?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    Ok(path.with_file_name(tmp))
+}
+
+fn write_new(tmp: &Path, head: &[u8], body: &[u8], cs: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io("create temporary image", tmp))?;
+    file.write_all_at(head, 0)
+        .map_err(io("write header", tmp))?;
+    file.write_all_at(body, cs)
+        .map_err(io("write tables", tmp))?;
+    file.sync_all().map_err(io("fsync new image", tmp))
 }
 
 /// `fsync`s the directory holding `path`, making a new directory entry durable.

@@ -460,3 +460,85 @@ pub fn l2_ref(entry: u64, cluster_bits: u32) -> std::result::Result<L2Ref, Strin
         Ok(L2Ref::Standard(off))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn header_bytes() -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, 3);
+        put32(&mut b, 20, 12);
+        put64(&mut b, 24, 1 << 20);
+        put32(&mut b, 36, 1);
+        put64(&mut b, 40, 3 * 4096);
+        put64(&mut b, 48, 4096);
+        put32(&mut b, 56, 1);
+        put32(&mut b, 96, 4);
+        put32(&mut b, 100, 112);
+        b
+    }
+
+    #[test]
+    fn header_parses_and_commit_bytes_land_in_place() {
+        let b = header_bytes();
+        let h = Header::parse(Path::new("h"), &b, 1 << 20).unwrap();
+        assert_eq!((h.cluster_size(), h.size, h.l1_size), (4096, 1 << 20, 1));
+        let (at, bytes) = h.commit_bytes();
+        let mut again = b.clone();
+        again[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        assert_eq!(again, b);
+        assert!(
+            at + bytes.len() as u64 <= 512,
+            "the commit write stays in the first sector"
+        );
+    }
+
+    #[test]
+    fn header_refusals() {
+        let cases: [(usize, u64, u32); 6] = [
+            (20, 0, 30),      // cluster_bits
+            (36, 0, 1 << 30), // l1_size
+            (56, 0, 100_000), // refcount_table_clusters
+            (60, 0, 1 << 20), // nb_snapshots
+            (100, 0, 7),      // header_length
+            (96, 0, 9),       // refcount_order
+        ];
+        for (at, _, v) in cases {
+            let mut b = header_bytes();
+            put32(&mut b, at, v);
+            assert!(
+                Header::parse(Path::new("h"), &b, 1 << 20).is_err(),
+                "field at {at} = {v}"
+            );
+        }
+        let mut b = header_bytes();
+        put64(&mut b, 72, INCOMPAT_DATA_FILE);
+        let h = Header::parse(Path::new("h"), &b, 1 << 20).unwrap();
+        assert!(matches!(
+            h.check_writable(Path::new("h")),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn compressed_descriptor() {
+        // 64 KiB clusters: x = 62 - 8 = 54; offset 0x12345, 3 additional sectors.
+        let e = COMPRESSED | (3u64 << 54) | 0x12345;
+        assert_eq!(
+            l2_ref(e, 16).unwrap(),
+            L2Ref::Compressed {
+                start: 0x12345,
+                end: 0x12200 + 4 * 512
+            }
+        );
+        assert_eq!(
+            l2_ref(COPIED | 0x30000, 16).unwrap(),
+            L2Ref::Standard(0x30000)
+        );
+        assert!(l2_ref(0x30200, 16).is_err());
+        assert_eq!(l2_ref(1, 16).unwrap(), L2Ref::None);
+    }
+}

@@ -146,3 +146,73 @@ pub fn new_extra(vm_state_size: u64, disk_size: u64) -> Vec<u8> {
     put64(&mut x, 16, u64::MAX);
     x
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entry(i: u32, extra: Vec<u8>) -> Entry {
+        Entry {
+            l1_table_offset: 0x10000 * u64::from(i + 1),
+            l1_size: i,
+            id: i.to_string(),
+            name: format!("snap-{i}-{}", "x".repeat(i as usize)),
+            date_sec: 1_700_000_000 + i,
+            date_nsec: i * 7,
+            vm_clock_nsec: u64::from(i) << 33,
+            vm_state_size: if extra.len() >= 8 {
+                u64::from(i) << 40
+            } else {
+                0
+            },
+            disk_size: (extra.len() >= 16).then_some(1 << 30),
+            extra,
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let mut entries = Vec::new();
+        for i in 0..20u32 {
+            let mut extra = new_extra(u64::from(i) << 40, 1 << 30);
+            extra.extend((0..i % 5).map(|b| b as u8)); // unknown trailing fields
+            entries.push(entry(i, extra));
+        }
+        entries.push(entry(99, Vec::new())); // version 2 style, no extra data
+        let bytes = serialize(Path::new("t"), &entries).unwrap();
+        assert_eq!(bytes.len() % 8, 0);
+        let (back, used) = parse(
+            Path::new("t"),
+            &bytes,
+            entries.len() as u32,
+            0x10000,
+            1 << 22,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(back, entries);
+        // Shorter input: not enough bytes, reported as such rather than as an error.
+        assert!(parse(
+            Path::new("t"),
+            &bytes[..bytes.len() - 50],
+            21,
+            0x10000,
+            1 << 22
+        )
+        .unwrap()
+        .is_none());
+    }
+
+    #[test]
+    fn bad_entries_are_corruption() {
+        let bytes = serialize(Path::new("t"), &[entry(1, new_extra(0, 1))]).unwrap();
+        let mut b = bytes.clone();
+        b[7] = 1; // unaligned L1 offset
+        assert!(parse(Path::new("t"), &b, 1, 0x10000, 1 << 22).is_err());
+        let mut b = bytes;
+        b[36..40].copy_from_slice(&5000u32.to_be_bytes()); // extra data beyond QEMU's limit
+        assert!(parse(Path::new("t"), &b, 1, 0x10000, 1 << 22).is_err());
+    }
+}
