@@ -4,6 +4,8 @@ use journal::{
     Batch, DiskSnapshot, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind, SnapshotMeta,
     StepDetail,
 };
+use std::path::{Path, PathBuf};
+
 use xen::RunState;
 
 use crate::engine::{error_chain, Engine};
@@ -42,6 +44,15 @@ pub fn disk_tag(name: &str, op: u64) -> String {
     format!("{name}@{op}")
 }
 
+/// The overlay an external snapshot (or revert) by operation `op` gives disk `target` whose
+/// image is `image`: beside it, named after the target and the operation.
+pub(crate) fn overlay_path(image: &Path, target: &str, op: u64) -> PathBuf {
+    image
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(format!("{target}-{op}.qcow2"))
+}
+
 /// A writer that counts bytes and reports progress.
 struct Counting<'a, W: std::io::Write> {
     inner: W,
@@ -78,12 +89,21 @@ impl Engine {
                 name: req.name.clone(),
             });
         }
-        if req.external {
-            return Err(Error::Refused(
-                "external snapshots (--external) are not supported by this build; \
-                 internal qcow2 snapshots are used without it"
-                    .into(),
-            ));
+        if let Some(other) = catalog
+            .snapshots
+            .values()
+            .find(|s| s.disks.iter().any(|d| d.external != req.external))
+        {
+            let (has, asked) = if req.external {
+                ("internal", "external")
+            } else {
+                ("external", "internal")
+            };
+            return Err(Error::Refused(format!(
+                "domain {:?} has {has} snapshots (e.g. {:?}); its snapshots must all be {has}, \
+                 so an {asked} one cannot be added. Nothing was changed.",
+                req.domain, other.name
+            )));
         }
         if info.disks.is_empty() && (req.disk_only || info.state == RunState::Shutoff) {
             return Err(Error::Refused(format!(
@@ -151,8 +171,12 @@ impl Engine {
                 .map(|d| DiskSnapshot {
                     target: d.target.clone(),
                     path: d.path.display().to_string(),
-                    tag: disk_tag(&req.name, op),
-                    external: false,
+                    tag: if req.external {
+                        overlay_path(&d.path, &d.target, op).display().to_string()
+                    } else {
+                        disk_tag(&req.name, op)
+                    },
+                    external: req.external,
                 })
                 .collect(),
             description: req.description.clone(),
@@ -172,7 +196,7 @@ impl Engine {
             params: OpParams {
                 disk_only,
                 crash_consistent: meta.crash_consistent,
-                external: false,
+                external: req.external,
                 description: req.description.clone(),
                 snapshot: Some(meta),
                 ..OpParams::default()
@@ -237,8 +261,20 @@ impl Engine {
                 ))
             }
             Step::SnapshotDisk(target) => {
-                self.host
-                    .create_disk_snapshot(domain, target, &disk_tag(&b.snapshot, b.op))?;
+                let disk = b
+                    .params
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.disks.iter().find(|d| &d.target == target))
+                    .ok_or_else(|| {
+                        Error::Refused(format!("operation {} has no disk {target}", b.op))
+                    })?;
+                if disk.external {
+                    self.host
+                        .create_external_snapshot(domain, target, Path::new(&disk.tag))?;
+                } else {
+                    self.host.create_disk_snapshot(domain, target, &disk.tag)?;
+                }
                 Ok((StepDetail::default(), Batch::new()))
             }
             Step::Resume => {
@@ -333,6 +369,9 @@ impl Engine {
                 continue;
             }
             match step {
+                // An external snapshot's overlay stays as the disk's image: it is empty
+                // (the domain has not run since), so the disk reads as before.
+                Step::SnapshotDisk(_) if b.params.external => {}
                 Step::SnapshotDisk(target) => {
                     let tag = disk_tag(&b.snapshot, b.op);
                     self.run_undo(b, step, |e| {

@@ -89,14 +89,20 @@ impl Engine {
             }
             self.run_step(b, step, |e| match step {
                 Step::DeleteDisk(name, target) => {
-                    let tag = catalog
+                    let disk = catalog
                         .snapshots
                         .get(name)
-                        .and_then(|s| s.disks.iter().find(|d| &d.target == target))
-                        .map(|d| d.tag.clone());
+                        .and_then(|s| s.disks.iter().find(|d| &d.target == target));
                     let exists = e.host.domain(&b.domain)?.disk(target).is_some();
-                    if let (Some(tag), true) = (tag, exists) {
-                        e.host.delete_disk_snapshot(&b.domain, target, &tag)?;
+                    match (disk, exists) {
+                        (Some(d), true) if d.external => {
+                            e.host
+                                .remove_image(&b.domain, target, std::path::Path::new(&d.path))?
+                        }
+                        (Some(d), true) => {
+                            e.host.delete_disk_snapshot(&b.domain, target, &d.tag)?
+                        }
+                        _ => {}
                     }
                     Ok((StepDetail::default(), Batch::new()))
                 }

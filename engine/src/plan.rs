@@ -16,10 +16,11 @@
 //! | create    | `resume`                | unpause if it was running         | —                                       |
 //! | revert    | `verify-image`          | verify again                      | nothing                                 |
 //! | revert    | `stop-domain`           | destroy the domain                | — (point of no return)                  |
-//! | revert    | `revert-disk:T`         | apply the disk snapshot           | —                                       |
+//! | revert    | `revert-disk:T`         | apply the disk snapshot / new overlay on the snapshot's image | — |
+//! | revert    | `discard-image:T`       | remove the image the disk used before (external) | —                        |
 //! | revert    | `restore-memory`        | destroy, restore memory (paused)  | —                                       |
 //! | revert    | `set-run-state`         | unpause / start / leave as asked  | —                                       |
-//! | delete    | `delete-disk:S:T`       | delete the disk snapshot tag      | —                                       |
+//! | delete    | `delete-disk:S:T`       | delete the disk snapshot tag / remove the snapshot's image from the chain | — |
 //! | delete    | `release-image:S`       | release the memory image          | —                                       |
 //!
 //! Decisions ([`decide`]):
@@ -52,6 +53,8 @@ pub enum Step {
     StopDomain,
     /// Apply the snapshot to one disk.
     RevertDisk(String),
+    /// Remove the image a disk used before an external revert.
+    DiscardImage(String),
     /// Restore memory from the image store (domain paused afterwards).
     RestoreMemory,
     /// Bring the domain to the run state the revert asked for.
@@ -72,6 +75,7 @@ impl fmt::Display for Step {
             Step::VerifyImage => f.write_str("verify-image"),
             Step::StopDomain => f.write_str("stop-domain"),
             Step::RevertDisk(t) => write!(f, "revert-disk:{t}"),
+            Step::DiscardImage(t) => write!(f, "discard-image:{t}"),
             Step::RestoreMemory => f.write_str("restore-memory"),
             Step::SetRunState => f.write_str("set-run-state"),
             Step::DeleteDisk(s, t) => write!(f, "delete-disk:{s}:{t}"),
@@ -95,6 +99,7 @@ impl Step {
             ("verify-image", None) => Step::VerifyImage,
             ("stop-domain", None) => Step::StopDomain,
             ("revert-disk", Some(t)) => Step::RevertDisk(t.into()),
+            ("discard-image", Some(t)) => Step::DiscardImage(t.into()),
             ("restore-memory", None) => Step::RestoreMemory,
             ("set-run-state", None) => Step::SetRunState,
             ("delete-disk", Some(r)) => {
@@ -121,6 +126,7 @@ impl Step {
             Step::VerifyImage => "verify-image",
             Step::StopDomain => "stop-domain",
             Step::RevertDisk(_) => "revert-disk",
+            Step::DiscardImage(_) => "discard-image",
             Step::RestoreMemory => "restore-memory",
             Step::SetRunState => "set-run-state",
             Step::DeleteDisk(..) => "delete-disk",
@@ -214,6 +220,7 @@ mod tests {
             Step::VerifyImage,
             Step::StopDomain,
             Step::RevertDisk("xvdb".into()),
+            Step::DiscardImage("xvdb".into()),
             Step::RestoreMemory,
             Step::SetRunState,
             Step::DeleteDisk("snap-1.x".into(), "xvda".into()),

@@ -5,7 +5,9 @@ use journal::{
 };
 use xen::RunState;
 
-use crate::create::journal_state;
+use std::path::{Path, PathBuf};
+
+use crate::create::{journal_state, overlay_path};
 use crate::engine::{error_chain, Engine};
 use crate::error::{Error, Result};
 use crate::names;
@@ -55,6 +57,16 @@ impl Engine {
                     req.name, d.target, req.domain
                 )));
             }
+            if d.external {
+                if !Path::new(&d.path).exists() {
+                    return Err(Error::Refused(format!(
+                        "the image {} of disk {} (snapshot {:?}) is missing; run `domsnap \
+                         verify`; nothing was changed",
+                        d.path, d.target, req.name
+                    )));
+                }
+                continue;
+            }
             let tags = self.host.disk_snapshots(&req.domain, &d.target)?;
             if !tags.contains(&d.tag) {
                 return Err(Error::Refused(format!(
@@ -75,6 +87,9 @@ impl Engine {
         plan.push(Step::StopDomain);
         for d in &snap.disks {
             plan.push(Step::RevertDisk(d.target.clone()));
+            if d.external {
+                plan.push(Step::DiscardImage(d.target.clone()));
+            }
         }
         if snap.kind == SnapshotKind::Checkpoint {
             plan.push(Step::RestoreMemory);
@@ -96,6 +111,11 @@ impl Engine {
             params: OpParams {
                 target_state: Some(target),
                 snapshot: Some(snap.clone()),
+                disk_images: info
+                    .disks
+                    .iter()
+                    .map(|d| (d.target.clone(), d.path.display().to_string()))
+                    .collect(),
                 ..OpParams::default()
             },
         })?;
@@ -159,7 +179,40 @@ impl Engine {
                 if self.host.domain(domain)?.state.is_active() {
                     self.host.destroy(domain)?;
                 }
-                self.host.apply_disk_snapshot(domain, target, &d.tag)?;
+                if d.external {
+                    let base = Path::new(&d.path);
+                    let overlay = overlay_path(base, target, b.op);
+                    self.host
+                        .revert_external_snapshot(domain, target, base, &overlay)?;
+                } else {
+                    self.host.apply_disk_snapshot(domain, target, &d.tag)?;
+                }
+            }
+            Step::DiscardImage(target) => {
+                let old = b
+                    .params
+                    .disk_images
+                    .iter()
+                    .find(|(t, _)| t == target)
+                    .map(|(_, p)| PathBuf::from(p));
+                let current = self
+                    .host
+                    .domain(domain)?
+                    .disk(target)
+                    .map(|d| d.path.clone());
+                let frozen: Vec<String> = self
+                    .journal
+                    .domain_catalog(domain)?
+                    .snapshots
+                    .values()
+                    .flat_map(|s| s.disks.iter().map(|d| d.path.clone()))
+                    .collect();
+                if let Some(old) = old {
+                    let needed = frozen.contains(&old.display().to_string());
+                    if Some(&old) != current.as_ref() && !needed {
+                        self.host.remove_image(domain, target, &old)?;
+                    }
+                }
             }
             Step::RestoreMemory => {
                 let image = snap.memory_image.clone().unwrap_or_default();

@@ -69,13 +69,20 @@ impl Engine {
                 }
             };
             for disk in &info.disks {
-                let expected: BTreeSet<&str> = dc
-                    .snapshots
-                    .values()
-                    .flat_map(|s| s.disks.iter())
-                    .filter(|d| d.target == disk.target)
-                    .map(|d| d.tag.as_str())
-                    .collect();
+                let mut expected: BTreeSet<&str> = BTreeSet::new();
+                for d in dc.snapshots.values().flat_map(|s| s.disks.iter()) {
+                    if d.target != disk.target {
+                        continue;
+                    }
+                    if !d.external {
+                        expected.insert(d.tag.as_str());
+                    } else if !std::path::Path::new(&d.path).exists() {
+                        report.disks.push(format!(
+                            "{name}/{}: the image {} of an external snapshot is missing",
+                            disk.target, d.path
+                        ));
+                    }
+                }
                 let tags = match self.host.disk_snapshots(name, &disk.target) {
                     Ok(tags) => tags,
                     Err(e) => {

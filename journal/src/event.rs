@@ -226,6 +226,9 @@ pub struct OpParams {
     pub delete_names: Vec<String>,
     /// create: the snapshot as it will be committed, minus what steps produce.
     pub snapshot: Option<SnapshotMeta>,
+    /// revert of external snapshots: (disk target, image the disk used when the operation
+    /// began), discarded once the disk uses its new overlay.
+    pub disk_images: Vec<(String, String)>,
 }
 
 /// What a finished step produced.
