@@ -48,7 +48,7 @@ fn memory_like(seed: u64, n: usize) -> Vec<u8> {
     while at < n {
         let run = (rng.next() % (1 << 20)) as usize;
         let end = (at + run).min(n);
-        if rng.next() % 4 == 0 {
+        if matches!(rng.next() % 4, 0) {
             v[at..end].fill(0);
         }
         at = end;
@@ -79,7 +79,7 @@ fn store() -> Store {
 fn bench_dir() -> std::path::PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir())
+        .unwrap_or_else(std::env::temp_dir)
         .join("memstore-bench");
     std::fs::create_dir_all(&dir).unwrap();
     dir

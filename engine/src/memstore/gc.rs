@@ -227,7 +227,8 @@ impl MemStore {
     /// Compares the store with what should be in it: `referenced` maps each image the
     /// catalog holds to its number of holders. Lists every difference: an image's holder
     /// count, a chunk's reference count against the manifests, missing or short packs,
-    /// pack files the index does not know. Reads the index and file sizes, not chunk data
+    /// pack files the index does not know (including the pack of an ingest still in
+    /// progress or waiting for recovery). Reads the index and file sizes, not chunk data
     /// (that is [`MemStore::verify`]).
     pub fn check(
         &self,
