@@ -4,9 +4,11 @@
 //!
 //! | file            | what                                                              |
 //! |-----------------|-------------------------------------------------------------------|
-//! | `domain.json`   | [`DomainConfig`], written once by `define` (temp file + rename)   |
+//! | `domain.json`   | [`DomainConfig`] (temp file + fsync + rename + directory fsync)   |
 //! | `memory`        | the guest's raw memory, `memory_bytes` long, sparse, mode 0600    |
-//! | `xvda.qcow2`, … | the disks, qcow2, in target order                                 |
+//! | `xvda.qcow2`, … | the disks' first images, qcow2, in target order                   |
+//! | `*.qcow2`       | external snapshot overlays; each disk's current image is named in |
+//! |                 | `domain.json` (`image`), the others are its backing chain         |
 //! | `guest.pid`     | pid of the live guest process; the guest holds an `flock` on it   |
 //! | `control.sock`  | the guest's control socket (line-delimited JSON)                  |
 //! | `guest.log`     | stdout and stderr of guest processes, appended                    |
@@ -79,13 +81,45 @@ pub(crate) struct DiskConfig {
     pub target: String,
     /// Virtual size in bytes.
     pub size: u64,
+    /// File name (inside the domain directory) of the disk's current image: the one the
+    /// guest reads and writes. Absent in configurations written before external snapshots:
+    /// then `<target>.qcow2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl DiskConfig {
-    /// File name of the image inside the domain directory.
+    /// File name of the disk's current image inside the domain directory.
     pub fn file_name(&self) -> String {
-        format!("{}.qcow2", self.target)
+        match &self.image {
+            Some(image) => image.clone(),
+            None => format!("{}.qcow2", self.target),
+        }
     }
+}
+
+/// Longest image file name accepted.
+pub const MAX_IMAGE_NAME_LEN: usize = 128;
+
+/// Checks the file name of a disk image inside a domain directory: 7–128 characters of
+/// `[A-Za-z0-9._-]`, not starting with `.`, ending in `.qcow2`. Only names that pass become
+/// path components.
+pub fn validate_image_name(name: &str) -> Result<()> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.len() <= ".qcow2".len()
+        || name.len() > MAX_IMAGE_NAME_LEN
+        || !ok_chars
+        || name.starts_with('.')
+        || !name.ends_with(".qcow2")
+    {
+        return Err(Error::Invalid(format!(
+            "bad image file name {name:?}: up to {MAX_IMAGE_NAME_LEN} characters of \
+             A-Z a-z 0-9 . _ -, not starting with '.', ending in .qcow2"
+        )));
+    }
+    Ok(())
 }
 
 /// `domain.json`: what `define` decided about a domain.
@@ -122,6 +156,15 @@ impl DomainConfig {
                     format!("unknown domain.json version {}", config.version),
                 ),
             });
+        }
+        for disk in &config.disks {
+            if let Some(image) = &disk.image {
+                validate_image_name(image).map_err(|e| Error::Io {
+                    op: "parse",
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                })?;
+            }
         }
         Ok(config)
     }
@@ -195,6 +238,7 @@ pub(crate) fn disk_configs(disk_sizes: &[u64]) -> Result<Vec<DiskConfig>> {
             Ok(DiskConfig {
                 target: format!("xvd{}", char::from(letter)),
                 size,
+                image: Some(format!("xvd{}.qcow2", char::from(letter))),
             })
         })
         .collect()
@@ -266,6 +310,41 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn image_names() {
+        for good in ["xvda.qcow2", "a.qcow2", "xvda.snap-1_2.qcow2"] {
+            assert!(validate_image_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".qcow2",
+            ".x.qcow2",
+            "x.qcow",
+            "x.raw",
+            "a/b.qcow2",
+            "../b.qcow2",
+            "a b.qcow2",
+            "domain.json",
+            "memory",
+            &format!("{}.qcow2", "x".repeat(MAX_IMAGE_NAME_LEN)),
+        ] {
+            assert!(validate_image_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn old_configs_name_the_first_image() {
+        let old = r#"{"version":1,"name":"d","memory_bytes":1048576,
+            "disks":[{"target":"xvda","size":1048576}],"workload":"counter"}"#;
+        let config: DomainConfig = serde_json::from_str(old).expect("parse");
+        assert_eq!(config.disks[0].file_name(), "xvda.qcow2");
+        let mut changed = config.clone();
+        changed.disks[0].image = Some("xvda.s1.qcow2".into());
+        let json = serde_json::to_string(&changed).expect("serialize");
+        let back: DomainConfig = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back.disks[0].file_name(), "xvda.s1.qcow2");
     }
 
     #[test]

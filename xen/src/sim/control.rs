@@ -13,8 +13,12 @@
 //!
 //! Requests: `status`, `pause` (answers once the vCPU has stopped, the disks are flushed and
 //! the memory file is synced), `unpause`, `snapshot-create {disk, tag}`,
-//! `snapshot-delete {disk, tag}` (both idempotent), `quit` (stop the vCPU, flush, exit 0;
-//! answered before the process exits).
+//! `snapshot-delete {disk, tag}` (both idempotent), `external-snapshot {disk, overlay}`
+//! (create the overlay on the disk's current image, switch the disk to it and record that in
+//! `domain.json`; idempotent), `rebase-image {disk, image, backing}` (rebase `image`, the
+//! disk's current image or one of its backing chain, onto `backing` or none, with the disk
+//! closed), `quit` (stop the vCPU, flush, exit 0; answered before the process exits).
+//! Image names are file names inside the domain directory, checked by both sides.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -32,8 +36,23 @@ pub(crate) enum Request {
     Status,
     Pause,
     Unpause,
-    SnapshotCreate { disk: String, tag: String },
-    SnapshotDelete { disk: String, tag: String },
+    SnapshotCreate {
+        disk: String,
+        tag: String,
+    },
+    SnapshotDelete {
+        disk: String,
+        tag: String,
+    },
+    ExternalSnapshot {
+        disk: String,
+        overlay: String,
+    },
+    RebaseImage {
+        disk: String,
+        image: String,
+        backing: Option<String>,
+    },
     Quit,
 }
 

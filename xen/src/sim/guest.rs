@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use crate::RunState;
 
-use super::config::{validate_name, DomainConfig, DomainDir, Workload};
+use super::config::{validate_image_name, validate_name, DomainConfig, DomainDir, Workload};
 use super::control::{Request, Response};
 use super::process::flock;
 
@@ -274,17 +274,53 @@ impl Vcpu {
     }
 }
 
-/// One disk as the device model holds it. None while a snapshot operation has it closed.
+/// The image a disk of the device model is on, and the image opened (None while an image
+/// operation has it closed).
+#[derive(Debug)]
+struct Slot {
+    /// The disk's current image (changes with external snapshots).
+    path: PathBuf,
+    image: Option<disk::DataImage>,
+}
+
+impl Slot {
+    /// Flushes and closes the image; on a failed flush it stays open.
+    fn close(&mut self, target: &str) -> GuestResult<()> {
+        if let Some(mut image) = self.image.take() {
+            if let Err(e) = image.flush() {
+                self.image = Some(image);
+                return Err(format!("flush {target}: {}", chain(&e)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the current image again if it is closed.
+    fn reopen(&mut self) -> GuestResult<()> {
+        if self.image.is_none() {
+            let image = disk::DataImage::open(&self.path).map_err(|e| {
+                format!(
+                    "reopen {} after an image operation: {}",
+                    self.path.display(),
+                    chain(&e)
+                )
+            })?;
+            self.image = Some(image);
+        }
+        Ok(())
+    }
+}
+
+/// One disk as the device model holds it.
 #[derive(Debug)]
 struct Disk {
     target: String,
-    path: PathBuf,
-    image: Mutex<Option<disk::DataImage>>,
+    slot: Mutex<Slot>,
 }
 
 impl Disk {
-    fn lock(&self) -> MutexGuard<'_, Option<disk::DataImage>> {
-        self.image.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -292,9 +328,11 @@ impl Disk {
 #[derive(Debug)]
 struct DeviceModel {
     disks: Vec<Disk>,
+    dir: DomainDir,
 }
 
 impl DeviceModel {
+    /// Opens the current image of every disk, as `domain.json` names it.
     fn open(config: &DomainConfig, dir: &DomainDir) -> GuestResult<DeviceModel> {
         let disks = config
             .disk_infos(dir)
@@ -304,12 +342,17 @@ impl DeviceModel {
                     .map_err(|e| format!("open {}: {}", info.path.display(), chain(&e)))?;
                 Ok(Disk {
                     target: info.target,
-                    path: info.path,
-                    image: Mutex::new(Some(image)),
+                    slot: Mutex::new(Slot {
+                        path: info.path,
+                        image: Some(image),
+                    }),
                 })
             })
             .collect::<GuestResult<Vec<Disk>>>()?;
-        Ok(DeviceModel { disks })
+        Ok(DeviceModel {
+            disks,
+            dir: dir.clone(),
+        })
     }
 
     fn disk(&self, target: &str) -> GuestResult<&Disk> {
@@ -322,10 +365,11 @@ impl DeviceModel {
     /// Writes `buf` at `offset` of disk `target` and returns once the write is complete.
     fn write(&self, target: &str, buf: &[u8], offset: u64) -> GuestResult<()> {
         let disk = self.disk(target)?;
-        let mut image = disk.lock();
-        let image = image
+        let mut slot = disk.lock();
+        let image = slot
+            .image
             .as_mut()
-            .ok_or_else(|| format!("{target} is closed after a failed snapshot operation"))?;
+            .ok_or_else(|| format!("{target} is closed after a failed image operation"))?;
         image
             .write_at(buf, offset)
             .map(|_| ())
@@ -335,7 +379,7 @@ impl DeviceModel {
     /// Flushes every open disk to its image file.
     fn flush_all(&self) -> GuestResult<()> {
         for disk in &self.disks {
-            if let Some(image) = disk.lock().as_mut() {
+            if let Some(image) = disk.lock().image.as_mut() {
                 image
                     .flush()
                     .map_err(|e| format!("flush {}: {}", disk.target, chain(&e)))?;
@@ -344,8 +388,8 @@ impl DeviceModel {
         Ok(())
     }
 
-    /// Runs `op` on the image file of `target` with the disk quiesced: no write in flight,
-    /// flushed and closed; reopens it afterwards.
+    /// Runs `op` on the current image file of `target` with the disk quiesced: no write in
+    /// flight, flushed and closed; reopens it afterwards.
     fn with_image_closed(
         &self,
         target: &str,
@@ -353,23 +397,9 @@ impl DeviceModel {
     ) -> GuestResult<()> {
         let disk = self.disk(target)?;
         let mut slot = disk.lock();
-        if let Some(mut image) = slot.take() {
-            image
-                .flush()
-                .map_err(|e| format!("flush {target}: {}", chain(&e)))?;
-            drop(image);
-        }
-        let result = op(&disk.path);
-        match disk::DataImage::open(&disk.path) {
-            Ok(image) => *slot = Some(image),
-            Err(e) => {
-                return Err(format!(
-                    "reopen {} after the snapshot operation: {}",
-                    disk.path.display(),
-                    chain(&e)
-                ))
-            }
-        }
+        slot.close(target)?;
+        let result = op(&slot.path);
+        slot.reopen()?;
         result
     }
 
@@ -390,14 +420,60 @@ impl DeviceModel {
         })
     }
 
+    /// External snapshot of `target`: with the disk quiesced and closed, creates `overlay`
+    /// on the current image (or takes an existing one that backs onto it: an earlier attempt
+    /// that did not get to switch), opens it, records it in `domain.json` and keeps it as the
+    /// disk's image. On error the disk stays on its old image. Idempotent.
+    fn external_snapshot(&self, target: &str, overlay: &str) -> GuestResult<()> {
+        validate_image_name(overlay).map_err(|e| e.to_string())?;
+        let disk = self.disk(target)?;
+        let mut slot = disk.lock();
+        let new_path = self.dir.path.join(overlay);
+        if slot.path == new_path {
+            return Ok(());
+        }
+        slot.close(target)?;
+        let switched = (|| -> GuestResult<disk::DataImage> {
+            super::prepare_overlay(&self.dir, &slot.path, overlay).map_err(|e| chain(&e))?;
+            let image = disk::DataImage::open(&new_path)
+                .map_err(|e| format!("open {}: {}", new_path.display(), chain(&e)))?;
+            // The switch is durable before the guest writes to the overlay.
+            super::set_disk_image(&self.dir, target, overlay).map_err(|e| chain(&e))?;
+            Ok(image)
+        })();
+        match switched {
+            Ok(image) => {
+                slot.path = new_path;
+                slot.image = Some(image);
+                log(&format!("{target} switched to {overlay}"));
+                Ok(())
+            }
+            Err(e) => {
+                slot.reopen()?;
+                Err(format!("external snapshot {overlay} of {target}: {e}"))
+            }
+        }
+    }
+
+    /// Rebases `image` (the current image of `target` or one of its backing chain) onto
+    /// `backing` (or none) with `target` quiesced and closed; reopens it afterwards.
+    fn rebase_image(&self, target: &str, image: &str, backing: Option<&str>) -> GuestResult<()> {
+        validate_image_name(image).map_err(|e| e.to_string())?;
+        if let Some(b) = backing {
+            validate_image_name(b).map_err(|e| e.to_string())?;
+        }
+        let image_path = self.dir.path.join(image);
+        let backing_path = backing.map(|b| self.dir.path.join(b));
+        self.with_image_closed(target, |_| {
+            disk::rebase(&image_path, backing_path.as_deref())
+                .map_err(|e| format!("rebase {image} of {target}: {}", chain(&e)))
+        })
+    }
+
     /// Flushes and closes every disk (at quit).
     fn close_all(&self) -> GuestResult<()> {
         for disk in &self.disks {
-            if let Some(mut image) = disk.lock().take() {
-                image
-                    .flush()
-                    .map_err(|e| format!("flush {}: {}", disk.target, chain(&e)))?;
-            }
+            disk.lock().close(&disk.target)?;
         }
         Ok(())
     }
@@ -518,6 +594,18 @@ impl Guest {
             }
             Request::SnapshotDelete { disk, tag } => {
                 self.dm.snapshot_delete(disk, tag)?;
+                Ok(Response::ok())
+            }
+            Request::ExternalSnapshot { disk, overlay } => {
+                self.dm.external_snapshot(disk, overlay)?;
+                Ok(Response::ok())
+            }
+            Request::RebaseImage {
+                disk,
+                image,
+                backing,
+            } => {
+                self.dm.rebase_image(disk, image, backing.as_deref())?;
                 Ok(Response::ok())
             }
             Request::Quit => {
