@@ -249,6 +249,24 @@ fn second_ingest_of_same_or_slightly_changed_image_stores_little() {
 }
 
 #[test]
+fn chunks_do_not_depend_on_how_the_stream_is_written() {
+    let mut f = fixture();
+    let data = memory_like(&mut Rng(21), (6 << 20) + 5);
+    let (image, _) = f.ingest(&data);
+    let mut w = f.store.writer(&f.journal, 100).unwrap();
+    w.write_all(&data).unwrap();
+    let once = w.finish().unwrap();
+    assert_eq!(once.image, image);
+    assert_eq!(once.bytes_new, 0);
+    let mut w = f.store.writer(&f.journal, 101).unwrap();
+    for b in data.chunks(65_537) {
+        w.write_all(b).unwrap();
+    }
+    assert_eq!(w.finish().unwrap().bytes_new, 0);
+    assert!(f.pack_files() == vec!["op-1.pack"]);
+}
+
+#[test]
 fn repeats_within_one_image_are_stored_once() {
     let mut f = fixture();
     let block = Rng(3).bytes(1 << 20);
