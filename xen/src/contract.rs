@@ -246,6 +246,93 @@ pub fn apply_disk_snapshot_reverts(host: &dyn Host, name: &str) {
     qemu_img_check_allow_leaks(&path);
 }
 
+/// External snapshots (not part of [`run_all`]: only for hosts that implement them).
+/// Overlays are created beside the disk's current image, named `<stem>.contract-*.qcow2`.
+///
+/// Shut off: create (idempotent) makes the overlay the disk's image; running: refused with
+/// [`Error::WrongState`]; paused: through the device model, and the old image never changes
+/// afterwards. Revert (shut off) reads exactly the base; remove_image of the images below
+/// keeps what every remaining image reads, refuses the current image, and is idempotent.
+/// Leaves the domain shut off on an overlay chain of its own.
+pub fn external_snapshots(host: &dyn Host, name: &str) {
+    let (target, first) = first_disk(host, name);
+    let dir = first
+        .parent()
+        .unwrap_or_else(|| panic!("{} has no directory", first.display()));
+    let overlay = |what: &str| dir.join(format!("{target}.contract-{what}.qcow2"));
+    let current = |host: &dyn Host| {
+        ok("domain", host.domain(name))
+            .disk(&target)
+            .unwrap_or_else(|| panic!("{name} lost disk {target}"))
+            .path
+            .clone()
+    };
+
+    let a = overlay("a");
+    ok(
+        "create external (shut off)",
+        host.create_external_snapshot(name, &target, &a),
+    );
+    ok(
+        "create external again",
+        host.create_external_snapshot(name, &target, &a),
+    );
+    assert_eq!(current(host), a, "the disk is on the overlay");
+    qemu_img_check(&a);
+
+    ok("start", host.start(name, false));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let b = overlay("b");
+    assert!(
+        matches!(
+            host.create_external_snapshot(name, &target, &b),
+            Err(Error::WrongState { .. })
+        ),
+        "external snapshot while running"
+    );
+    ok("pause", host.pause(name));
+    ok(
+        "create external (paused)",
+        host.create_external_snapshot(name, &target, &b),
+    );
+    assert_eq!(current(host), b);
+    let frozen = read_disk(&a, 0, 1 << 20);
+    ok("unpause", host.unpause(name));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    ok("pause", host.pause(name));
+    assert!(
+        read_disk(&a, 0, 1 << 20) == frozen,
+        "a frozen image changed"
+    );
+    ok("destroy", host.destroy(name));
+
+    let c = overlay("c");
+    ok(
+        "revert external",
+        host.revert_external_snapshot(name, &target, &a, &c),
+    );
+    ok(
+        "revert external again",
+        host.revert_external_snapshot(name, &target, &a, &c),
+    );
+    assert_eq!(current(host), c);
+    assert!(read_disk(&c, 0, 1 << 20) == frozen, "revert reads the base");
+
+    let b_content = read_disk(&b, 0, 1 << 20);
+    assert!(
+        matches!(host.remove_image(name, &target, &c), Err(Error::Invalid(_))),
+        "remove of the current image"
+    );
+    ok("remove a", host.remove_image(name, &target, &a));
+    ok("remove a again", host.remove_image(name, &target, &a));
+    assert!(!a.exists(), "{} not removed", a.display());
+    assert!(read_disk(&c, 0, 1 << 20) == frozen, "c changed");
+    assert!(read_disk(&b, 0, 1 << 20) == b_content, "b changed");
+    ok("remove b", host.remove_image(name, &target, &b));
+    assert!(!b.exists());
+    qemu_img_check(&c);
+}
+
 /// `qemu-img check` of a qcow2 image: no errors, no leaked clusters.
 pub fn qemu_img_check(path: &Path) {
     let (code, report) = run_qemu_img_check(path);

@@ -148,6 +148,15 @@ fn qcow2_files(dir: &Path) -> Vec<String> {
     names
 }
 
+#[test]
+fn external_snapshot_contract() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let host = host(tmp.path());
+    host.define("xc", MIB, &[8 * MIB]).expect("define");
+    xen::contract::external_snapshots(&host, "xc");
+    assert_eq!(state(&host, "xc"), RunState::Shutoff);
+}
+
 /// A chain built while the counter runs: each frozen image keeps the counter it had when
 /// frozen; reverting to each one reads exactly it and the domain counts on from there.
 #[test]
