@@ -216,6 +216,12 @@ pub struct VerifyArgs {
     /// Rebuild the catalog from the journal's events first.
     #[arg(long)]
     pub rebuild: bool,
+    /// Also check every qcow2 image of shut-off domains (refcounts against references).
+    #[arg(long)]
+    pub disks: bool,
+    /// With --disks: free leaked clusters (nothing else is changed).
+    #[arg(long, requires = "disks")]
+    pub repair: bool,
 }
 
 /// `demo`.

@@ -16,7 +16,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use args::{Cli, Command, DomainCommand, HostKind};
-use engine::{Access, CreateRequest, DeleteRequest, Engine, HistoryFilter, RevertRequest};
+use engine::{
+    Access, CreateRequest, DeleteRequest, DiskCheck, Engine, HistoryFilter, RevertRequest,
+};
 use journal::DomainState;
 use xen::sim::SimHost;
 use xen::Host;
@@ -238,7 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output::recovered(&report, json)
         }
         Command::Verify(a) => {
-            let access = if a.rebuild {
+            let access = if a.rebuild || a.repair {
                 Access::Write
             } else {
                 Access::Read
@@ -247,7 +249,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.rebuild {
                 engine.rebuild_catalog()?;
             }
-            let report = engine.verify(a.domain.as_deref(), a.deep)?;
+            let mode = match (a.disks, a.repair) {
+                (_, true) => DiskCheck::Repair,
+                (true, false) => DiskCheck::Check,
+                _ => DiskCheck::Tables,
+            };
+            let (problems, notes) = engine.check_disks(a.domain.as_deref(), mode)?;
+            let mut report = engine.verify(a.domain.as_deref(), a.deep)?;
+            report.disks.extend(problems);
+            report.notes = notes;
             output::verified(&report, json)?;
             if report.is_clean() {
                 Ok(())

@@ -306,6 +306,9 @@ pub fn verified(report: &VerifyReport, json: bool) -> anyhow::Result<()> {
         v["ok"] = json!(report.is_clean());
         return print_json(&v);
     }
+    for note in &report.notes {
+        println!("disk: {note}");
+    }
     if report.is_clean() {
         println!("verify: journal, catalog, disk snapshot tables and memory images agree");
         return Ok(());

@@ -26,7 +26,7 @@ pub use engine::{Access, Engine, Observer, Quiet, DEFAULT_WAIT};
 pub use error::{Error, Result};
 pub use query::{HistoryFilter, OpView, SnapshotView};
 pub use revert::RevertRequest;
-pub use verify::VerifyReport;
+pub use verify::{DiskCheck, VerifyReport};
 
 /// The user running this process, for the journal: `$SUDO_USER` when run through sudo, else
 /// the name of the process's user id in /etc/passwd, else `uid N`.

@@ -25,6 +25,8 @@ pub fn now_millis() -> Millis {
 }
 
 /// One journaled fact.
+// Events are built and written one at a time; boxing `OpBegun` would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// An operation started; its plan follows as steps.

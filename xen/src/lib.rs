@@ -170,6 +170,41 @@ pub trait Host {
         )))
     }
 
+    /// Checks the qcow2 image of disk `target`: every cluster's refcount against the
+    /// references found (corruptions, leaks). Read-only. The domain must be shut off, so no
+    /// device model holds metadata that is not on disk yet.
+    fn check_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        let path = self.shut_off_disk(name, target, "check a disk")?;
+        disk::check(&path).map_err(|source| Error::Disk { path, source })
+    }
+
+    /// Frees the leaked clusters of disk `target`'s image (nothing else: corruption is
+    /// reported, never "repaired" by guessing). The domain must be shut off.
+    fn repair_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        let path = self.shut_off_disk(name, target, "repair a disk")?;
+        disk::repair_leaks(&path).map_err(|source| Error::Disk { path, source })
+    }
+
+    /// The image of disk `target` of a shut-off domain.
+    #[doc(hidden)]
+    fn shut_off_disk(&self, name: &str, target: &str, operation: &'static str) -> Result<PathBuf> {
+        let info = self.domain(name)?;
+        if info.state != RunState::Shutoff {
+            return Err(Error::WrongState {
+                domain: name.to_string(),
+                state: info.state,
+                operation,
+                needs: "shut off",
+            });
+        }
+        info.disk(target)
+            .map(|d| d.path.clone())
+            .ok_or_else(|| Error::NoSuchDisk {
+                domain: name.to_string(),
+                target: target.to_string(),
+            })
+    }
+
     /// Removes `image` from the image chains of disk `target`: every image of the domain
     /// whose backing file is `image` is first rebased onto `image`'s own backing file (its
     /// data pulled in, so what the guest reads does not change; through the device model for
