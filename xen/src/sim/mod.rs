@@ -27,9 +27,19 @@
 //! holder means shut off, whatever pid file or socket was left behind.
 //!
 //! **Concurrency.** Commands that change the run state or touch the images of a shut-off
-//! domain (start, shutdown, destroy, restore, undefine, disk snapshots) hold an `flock` on
-//! `host.lock`, so two domsnap processes never start one domain twice. Pause, unpause and
-//! status go straight to the guest, which serializes them itself.
+//! domain (start, shutdown, destroy, restore, undefine, disk snapshots, external snapshots,
+//! image removal) hold an `flock` on `host.lock`, so two domsnap processes never start one
+//! domain twice. Pause, unpause and status go straight to the guest, which serializes them
+//! itself.
+//!
+//! **External snapshots.** Each disk's current image is recorded in `domain.json` (default
+//! `<target>.qcow2`); every image of a domain is a `*.qcow2` file of its directory, and image
+//! paths given by callers are checked to be exactly that (a bare file name or an absolute
+//! path whose directory is the domain directory; no symbolic links). While the domain is
+//! active, switching a disk to a new overlay and rebasing an image the guest has open
+//! (its current image or one of that image's backing chain) go through the device model,
+//! which closes the disk for the operation. Overlays are created under a hidden temporary
+//! name and renamed into place; `domain.json` is replaced atomically and durably.
 
 mod config;
 mod control;
