@@ -49,23 +49,34 @@ fn normalize_active(txn: &mut Txn<'_>, l1: &[u64]) -> Result<(Vec<u64>, bool)> {
         if l2_off == 0 {
             continue;
         }
-        let table = txn.l2(l2_off)?;
-        let mut want = (*table).clone();
-        for e in want.iter_mut().step_by(stride) {
-            if let L2Ref::Standard(o) = l2_ref(*e, bits).map_err(|w| txn.img.corrupt(w))? {
-                if txn.refcount(o) == 1 {
-                    *e |= COPIED;
-                } else {
-                    *e &= !COPIED;
+        let mut table = txn.take_l2(l2_off)?;
+        let mut changed = false;
+        let mut bad = None;
+        for e in table.iter_mut().step_by(stride) {
+            match l2_ref(*e, bits) {
+                Ok(L2Ref::Standard(o)) => {
+                    let want = if txn.refcount(o) == 1 {
+                        *e | COPIED
+                    } else {
+                        *e & !COPIED
+                    };
+                    changed |= want != *e;
+                    *e = want;
                 }
+                Ok(_) => {}
+                Err(w) => bad = Some(w),
             }
         }
-        if want != *table {
+        let result = match bad {
+            Some(w) => Err(txn.img.corrupt(w)),
             // Replace the table by a fresh copy: the mapped clusters keep their path count.
-            txn.add(l2_off, -1)?;
-            let new_off = txn.write_u64s(&want, "disk::internal::write_l2");
-            *slot = new_off;
-        }
+            None if changed => txn
+                .add(l2_off, -1)
+                .and_then(|()| txn.write_u64s(&table, "disk::internal::write_l2")),
+            None => Ok(l2_off),
+        };
+        txn.put_l2(table);
+        *slot = result?;
     }
     for slot in out.iter_mut() {
         let l2_off = *slot & OFFSET_MASK;
@@ -100,7 +111,7 @@ fn write_table(txn: &mut Txn<'_>, entries: &[Entry]) -> Result<(u64, u32)> {
     let off = txn.alloc(n as usize);
     let mut buf = bytes;
     buf.resize((n * cs) as usize, 0);
-    txn.write(off, buf, "disk::internal::write_table");
+    txn.write(off, &buf, "disk::internal::write_table")?;
     Ok((off, entries.len() as u32))
 }
 
@@ -128,8 +139,8 @@ pub fn create(path: &Path, name: &str) -> Result<Snapshot> {
     }
     let snap_l1: Vec<u64> = l1.iter().map(|e| e & OFFSET_MASK).collect();
     let (active, _) = normalize_active(&mut txn, &l1)?;
-    let snap_l1_off = txn.write_u64s(&snap_l1, "disk::internal::write_l1");
-    let active_off = txn.write_u64s(&active, "disk::internal::write_l1");
+    let snap_l1_off = txn.write_u64s(&snap_l1, "disk::internal::write_l1")?;
+    let active_off = txn.write_u64s(&active, "disk::internal::write_l1")?;
     txn.free_table(h.l1_table_offset, u64::from(h.l1_size) * 8)?;
     txn.free_table(h.snapshots_offset, table_len)?;
 
@@ -194,7 +205,7 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
     }
     let base: Vec<u64> = snap_l1.iter().map(|e| e & OFFSET_MASK).collect();
     let (active, _) = normalize_active(&mut txn, &base)?;
-    let active_off = txn.write_u64s(&active, "disk::internal::write_l1");
+    let active_off = txn.write_u64s(&active, "disk::internal::write_l1")?;
     txn.free_table(h.l1_table_offset, u64::from(h.l1_size) * 8)?;
     let mut nh = h;
     nh.l1_table_offset = active_off;
@@ -220,7 +231,7 @@ pub fn delete(path: &Path, name: &str) -> Result<()> {
     let (active, changed) = normalize_active(&mut txn, &l1)?;
     let mut nh = h.clone();
     if changed {
-        nh.l1_table_offset = txn.write_u64s(&active, "disk::internal::write_l1");
+        nh.l1_table_offset = txn.write_u64s(&active, "disk::internal::write_l1")?;
         txn.free_table(h.l1_table_offset, u64::from(h.l1_size) * 8)?;
     }
     entries.remove(idx);

@@ -8,8 +8,9 @@
 //! *fresh* clusters: clusters whose refcount is 0 both before and after, so no structure the
 //! current header reaches is ever overwritten. The steps are:
 //!
-//! 1. write the fresh clusters (`disk::internal::write_l2`, `write_l1`, `write_table`,
-//!    `write_refcounts` failpoints precede each group);
+//! 1. write the fresh clusters as the change is computed (`disk::internal::write_l2`,
+//!    `write_l1`, `write_table` failpoints precede each group), then the refcount blocks and
+//!    table (`write_refcounts`);
 //! 2. `fdatasync` (`disk::internal::sync_new`);
 //! 3. write header bytes 24..96 — L1 table, refcount table, snapshot table, size and feature
 //!    fields — in one write inside the first sector (`disk::internal::write_header`): the
@@ -25,11 +26,10 @@
 use crate::error::{io, Error, Result};
 use crate::format::{l2_ref, Header, L2Ref, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::table;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 /// An image file opened for metadata work.
 #[derive(Debug)]
@@ -209,9 +209,13 @@ pub struct Txn<'a> {
     old: Vec<u64>,
     old_blocks: Vec<u64>,
     pub new: Vec<u64>,
-    writes: Vec<(u64, Vec<u8>, &'static str)>,
+    /// Failpoint group of the last write (a failpoint fires when the group changes).
+    last_step: &'static str,
     cursor: usize,
-    l2_cache: HashMap<u64, Rc<Vec<u64>>>,
+    /// Reused buffers: touching fresh memory is slow, and tables are read and written one
+    /// at a time.
+    l2buf: Vec<u64>,
+    bytebuf: Vec<u8>,
     /// Whether persistent bitmaps stay valid (the change leaves guest content alone).
     pub keep_bitmaps: bool,
 }
@@ -225,9 +229,10 @@ impl<'a> Txn<'a> {
             old,
             old_blocks,
             new,
-            writes: Vec::new(),
+            last_step: "",
             cursor: 1,
-            l2_cache: HashMap::new(),
+            l2buf: Vec::new(),
+            bytebuf: Vec::new(),
             keep_bitmaps: false,
         })
     }
@@ -297,14 +302,32 @@ impl<'a> Txn<'a> {
             .unwrap_or(0)
     }
 
-    /// Reads an existing L2 table (cached for the transaction).
-    pub fn l2(&mut self, off: u64) -> Result<Rc<Vec<u64>>> {
-        if let Some(t) = self.l2_cache.get(&off) {
-            return Ok(Rc::clone(t));
+    /// Reads the L2 table at `off` and returns it; give it back with [`Txn::put_l2`] so that
+    /// its memory is reused.
+    pub fn take_l2(&mut self, off: u64) -> Result<Vec<u64>> {
+        let cs = self.img.cs();
+        if off.checked_add(cs).is_none_or(|e| e > self.img.len) {
+            return Err(self
+                .img
+                .corrupt(format!("L2 table at {off:#x} beyond end of file")));
         }
-        let t = Rc::new(self.img.read_l2(off)?);
-        self.l2_cache.insert(off, Rc::clone(&t));
+        self.bytebuf.resize(cs as usize, 0);
+        self.img
+            .file
+            .read_exact_at(&mut self.bytebuf, off)
+            .map_err(io("read L2 table", &self.img.path))?;
+        let mut t = std::mem::take(&mut self.l2buf);
+        t.clear();
+        t.extend(
+            self.bytebuf
+                .chunks_exact(8)
+                .map(|c| crate::format::be64(c, 0)),
+        );
         Ok(t)
+    }
+
+    pub fn put_l2(&mut self, t: Vec<u64>) {
+        self.l2buf = t;
     }
 
     /// Adds or removes one path L1 entry → L2 table: the L2 table and every cluster it maps
@@ -315,41 +338,52 @@ impl<'a> Txn<'a> {
             return Ok(());
         }
         self.add(l2_off, delta)?;
-        let t = self.l2(l2_off)?;
+        let t = self.take_l2(l2_off)?;
         let stride = (self.img.header.l2_entry_bytes() / 8) as usize;
         let bits = self.img.header.cluster_bits;
+        let mut result = Ok(());
         for e in t.iter().step_by(stride) {
-            match l2_ref(*e, bits).map_err(|w| self.img.corrupt(w))? {
-                L2Ref::None => {}
-                L2Ref::Standard(o) => self.add(o, delta)?,
-                L2Ref::Compressed { start, end } => self.add_range(start, end, delta)?,
+            result = match l2_ref(*e, bits) {
+                Err(w) => Err(self.img.corrupt(w)),
+                Ok(L2Ref::None) => Ok(()),
+                Ok(L2Ref::Standard(o)) => self.add(o, delta),
+                Ok(L2Ref::Compressed { start, end }) => self.add_range(start, end, delta),
+            };
+            if result.is_err() {
+                break;
             }
         }
-        Ok(())
+        self.put_l2(t);
+        result
     }
 
-    /// Queues a write of fresh clusters (merged with the previous one when adjacent).
-    pub fn write(&mut self, off: u64, data: Vec<u8>, step: &'static str) {
-        if let Some((last_off, last, last_step)) = self.writes.last_mut() {
-            if *last_step == step && *last_off + last.len() as u64 == off && last.len() < 8 << 20 {
-                last.extend_from_slice(&data);
-                return;
-            }
+    /// Writes fresh clusters (nothing the current header reaches). The failpoint `step`
+    /// fires before the first write of each group.
+    pub fn write(&mut self, off: u64, data: &[u8], step: &'static str) -> Result<()> {
+        if step != self.last_step {
+            failpoint(step)?;
+            self.last_step = step;
         }
-        self.writes.push((off, data, step));
+        self.img
+            .file
+            .write_all_at(data, off)
+            .map_err(io("write new metadata", &self.img.path))
     }
 
     /// Writes a table of u64 into freshly allocated clusters; returns its offset.
-    pub fn write_u64s(&mut self, words: &[u64], step: &'static str) -> u64 {
+    pub fn write_u64s(&mut self, words: &[u64], step: &'static str) -> Result<u64> {
         let cs = self.img.cs();
         let bytes = (words.len() as u64 * 8).max(1).div_ceil(cs) * cs;
         let off = self.alloc((bytes / cs) as usize);
-        let mut buf = vec![0u8; bytes as usize];
-        for (i, w) in words.iter().enumerate() {
-            buf[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
+        let mut buf = std::mem::take(&mut self.bytebuf);
+        buf.clear();
+        buf.resize(bytes as usize, 0);
+        for (chunk, w) in buf.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_be_bytes());
         }
-        self.write(off, buf, step);
-        off
+        let r = self.write(off, &buf, step);
+        self.bytebuf = buf;
+        r.map(|()| off)
     }
 
     /// Frees (refcount −1) the clusters of a table of `bytes` bytes at `off`.
@@ -449,16 +483,6 @@ impl<'a> Txn<'a> {
         header.autoclear &= crate::format::AUTOCLEAR_BITMAPS;
 
         let path = &img.path;
-        let mut last = "";
-        for (off, data, step) in &self.writes {
-            if *step != last {
-                failpoint(step)?;
-                last = step;
-            }
-            img.file
-                .write_all_at(data, *off)
-                .map_err(io("write new metadata", path))?;
-        }
         failpoint("disk::internal::write_refcounts")?;
         for (off, data) in &rb_writes {
             img.file
