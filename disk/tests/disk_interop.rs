@@ -201,3 +201,38 @@ fn locks_keep_qemu_and_us_apart() {
     disk::create_snapshot(&img, "x").unwrap();
     assert_qemu_clean(&img);
 }
+
+#[test]
+fn listing_works_while_a_writer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    disk::create_image(&img, 64 * MIB, Some(4096)).unwrap();
+    qemu_io(&img, "write -P 0x11 0 1M");
+    qemu_img(&["snapshot", "-c", "a", s(&img)]);
+    disk::create_snapshot(&img, "b").unwrap();
+    let writer_img = img.clone();
+    let writer = std::thread::spawn(move || {
+        let mut d = DataImage::open(&writer_img).unwrap();
+        for i in 0..2000u64 {
+            d.write_at(&[i as u8; 4096], (i * 7919 * 4096) % (60 * MIB))
+                .unwrap();
+            if i % 100 == 0 {
+                d.flush().unwrap();
+            }
+        }
+        d.flush().unwrap();
+    });
+    let mut lists = 0;
+    while !writer.is_finished() {
+        let names: Vec<String> = disk::list_snapshots(&img)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        lists += 1;
+    }
+    writer.join().unwrap();
+    assert!(lists > 0);
+    assert_qemu_clean(&img);
+}
