@@ -17,7 +17,7 @@ use crate::meta::{Image, Txn};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Outcome of [`crate::check`].
+/// Outcome of [`crate::check()`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Number of problems that can lose data (refcount too low, bad references, bad flags).

@@ -6,7 +6,7 @@
 //!   change is atomic: see `meta` for the ordering of writes and `fsync`s.
 //! - Guest data I/O while a domain runs ([`DataImage`]), through the `imago` library, whose
 //!   writes honour the COPIED flag (copy-on-write of clusters shared with snapshots).
-//! - Image creation ([`create_image`]), consistency check and leak repair ([`check`],
+//! - Image creation ([`create_image`]), consistency check and leak repair ([`check()`],
 //!   [`repair_leaks`]), and external snapshots ([`create_overlay`], [`commit_overlay`],
 //!   [`rebase`], [`backing_file`]).
 //!
@@ -91,7 +91,7 @@ pub fn check(path: &Path) -> Result<CheckReport> {
 }
 
 /// Lowers the refcount of leaked clusters to their reference count (freeing unreferenced
-/// ones) in one atomic metadata switch; refuses if [`check`] finds corruptions. Returns the
+/// ones) in one atomic metadata switch; refuses if [`check()`] finds corruptions. Returns the
 /// report of a check made after the repair.
 pub fn repair_leaks(path: &Path) -> Result<CheckReport> {
     check::repair_leaks(path)
