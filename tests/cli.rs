@@ -477,3 +477,109 @@ fn a_damaged_memory_image_aborts_the_revert_before_the_domain_is_touched() {
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stdout).contains("memory:"));
 }
+
+/// Every qcow2 file in the directory of `path`.
+fn qcow2_files(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = walk(path.parent().unwrap())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn external_snapshots_revert_and_delete_at_every_position_of_a_chain() {
+    let env = Env::new();
+    env.running_domain("ext", "16M", &["32M"]);
+    let mut instants = Vec::new();
+    for i in 0..5 {
+        env.run(&["domain", "pause", "ext"]);
+        let at = (env.memory_counter("ext"), env.disk_counter("ext"));
+        env.run(&["create", "ext", &format!("s{i}"), "--external"]);
+        assert_eq!(env.domain_state("ext"), "paused");
+        instants.push(at);
+        env.run(&["domain", "unpause", "ext"]);
+        env.wait_counter("ext", 20);
+    }
+    // The disk now has a chain of six images; frozen images never change.
+    let current = env.disk_paths("ext")[0].1.clone();
+    let info = env.json(&["info", "ext", "s2"]);
+    assert!(info["disks"][0]["tag"]
+        .as_str()
+        .unwrap()
+        .ends_with(".qcow2"));
+    let frozen2 = std::path::PathBuf::from(info["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(disk_u64(&frozen2), instants[2].1);
+    assert_eq!(qcow2_files(&current).len(), 6);
+    // Snapshots of one domain are all internal or all external.
+    let out = env.try_run(&["create", "ext", "internal"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("external"));
+
+    // Revert to every position.
+    for (i, at) in instants.iter().enumerate().rev() {
+        env.run(&["revert", "ext", &format!("s{i}")]);
+        assert_eq!(env.domain_state("ext"), "paused", "s{i}");
+        assert_eq!(
+            (env.memory_counter("ext"), env.disk_counter("ext")),
+            *at,
+            "s{i}"
+        );
+        env.assert_consistent("ext");
+        env.run(&["domain", "unpause", "ext"]);
+        env.wait_counter("ext", 10);
+    }
+    // Discarded branches are removed: the chain plus one active overlay remain.
+    assert_eq!(qcow2_files(&current).len(), 6);
+
+    // Delete in the middle, at the bottom and at the top (the image the running domain's
+    // overlay is backed by), then every remaining snapshot still reverts exactly.
+    for name in ["s2", "s0", "s4"] {
+        env.run(&["delete", "ext", name]);
+        assert_eq!(
+            env.domain_state("ext"),
+            "running",
+            "delete leaves the domain running"
+        );
+        env.run(&["domain", "pause", "ext"]);
+        env.assert_consistent("ext");
+        env.run(&["domain", "unpause", "ext"]);
+    }
+    assert!(!frozen2.exists(), "the deleted snapshot's image is gone");
+    for i in [1usize, 3] {
+        env.run(&["revert", "ext", &format!("s{i}"), "--paused"]);
+        assert_eq!(
+            (env.memory_counter("ext"), env.disk_counter("ext")),
+            instants[i],
+            "s{i} after deletes"
+        );
+        env.assert_consistent("ext");
+    }
+    assert_eq!(
+        qcow2_files(&current).len(),
+        3,
+        "two snapshots and the active overlay"
+    );
+    for f in qcow2_files(&current) {
+        qemu_img_check(&f);
+    }
+}
+
+#[test]
+fn verify_disks_checks_images_of_shut_off_domains_and_repairs_leaks_only() {
+    let env = Env::new();
+    env.running_domain("chk", "8M", &["32M", "32M"]);
+    env.run(&["create", "chk", "one"]);
+    let out = env.run(&["verify", "--disks"]);
+    assert!(out.contains("not checked, the domain is running"), "{out}");
+    env.run(&["domain", "shutdown", "chk"]);
+    let out = env.run(&["verify", "--disks"]);
+    assert_eq!(out.matches(": clean").count(), 2, "{out}");
+    let out = env.run(&["verify", "--disks", "--repair", "chk"]);
+    assert_eq!(out.matches(": no leaks").count(), 2, "{out}");
+    let v = env.json(&["verify", "--disks"]);
+    assert_eq!(v["ok"], true);
+    // --repair without --disks is a usage error.
+    assert_eq!(env.try_run(&["verify", "--repair"]).status.code(), Some(2));
+}

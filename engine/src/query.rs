@@ -22,8 +22,10 @@ pub struct DiskView {
     pub target: String,
     /// qcow2 snapshot tag.
     pub tag: String,
-    /// Image path.
+    /// Image path (for external snapshots: the frozen image).
     pub path: String,
+    /// External snapshot (overlay chain) rather than an internal one.
+    pub external: bool,
 }
 
 /// One snapshot, as shown by `list` and `info`.
@@ -75,6 +77,7 @@ impl SnapshotView {
                     target: d.target.clone(),
                     tag: d.tag.clone(),
                     path: d.path.clone(),
+                    external: d.external,
                 })
                 .collect(),
             description: s.description.clone(),

@@ -171,7 +171,7 @@ impl Env {
                 .unwrap()
                 .iter()
                 .flat_map(|s| s["disks"].as_array().unwrap().clone())
-                .filter(|d| d["target"] == target.as_str())
+                .filter(|d| d["target"] == target.as_str() && d["external"] == false)
                 .map(|d| d["tag"].as_str().unwrap().to_string())
                 .collect();
             assert_eq!(
