@@ -9,7 +9,7 @@ exec > /mnt/results.txt 2>&1
 [ -f /mnt/test.env ] && . /mnt/test.env
 S=/var/lib/domsnap; IMG=/var/lib/images/domd.qcow2; CFG=/root/domd.cfg
 GL=/var/log/xen/console/guest-domd.log
-FP=engine::create::after-save-memory
+FP=${FP:-engine::create::after-save-memory}   # failpoint between xl save -p and the disk snapshots
 t() { echo "T+$(cut -d' ' -f1 /proc/uptime)s: $*"; }
 check() { if [ "$2" = 0 ]; then echo "CHECK $1: PASS"; else echo "CHECK $1: FAIL"; fi; }
 D() { t "domsnap $*"; domsnap --host xen --state $S "$@"; local rc=$?; echo "[rc=$rc]"; return $rc; }
@@ -22,8 +22,9 @@ xlstate() { xl list domd 2>/dev/null | awk '$1=="domd"{print $5}'; }   # e.g. -b
 running() { local s; s=$(xlstate); [ -n "$s" ] && ! echo "$s" | grep -q p; }
 paused() { xlstate | grep -q p; }
 waitdm() { for i in $(seq 1 150); do ps | grep -v grep | grep -q xen-qemu-system || return 0; sleep 0.2; done; echo "device model still running"; }
-tags() { qemu-img snapshot -l -U $IMG | awk 'NR>2{print $2}' | sed 's/@.*//' | sort -u | tr '\n' ' '; }
-names() { domsnap --host xen --state $S --json list domd 2>/dev/null | tr ',{}[]' '\n\n\n\n\n' | sed -n 's/^ *"name" *: *"\([^"]*\)".*/\1/p' | grep -vx domd | sort -u | tr '\n' ' '; }
+tags() { qemu-img snapshot -l -U $IMG | awk 'NR>2{print $2}' | sort -u | tr '\n' ' '; }    # qcow2 table
+hastag() { tags | tr ' ' '\n' | grep -qE "^$1(@|\$)"; }   # snapshot $1's disk tag is in the table
+cattags() { domsnap --host xen --state $S --json list domd 2>/dev/null | tr ',{}[]' '\n\n\n\n\n' | sed -n 's/^ *"tag" *: *"\([^"]*\)".*/\1/p' | sort -u | tr '\n' ' '; }
 
 t start; mkdir -p /var/lib/images $S
 qemu-img create -q -f qcow2 $IMG 64M
@@ -35,7 +36,7 @@ B=$(lastcnt); D create domd c1; R=$?; A=$(lastcnt); echo "counter before/after c
 check "create c1 (running)" $(( R != 0 ))
 check "domain runs again after create" $(running; echo $?)
 echo "qcow2 snapshots: $(tags)"
-check "c1 in the qcow2 snapshot table" $(tags | grep -qw c1; echo $?)
+check "c1 in the qcow2 snapshot table" $(hastag c1; echo $?)
 
 t "=== let the counter advance"; waitticks 4 90; C2=$(lastcnt); echo "counter now $C2"
 
@@ -54,18 +55,18 @@ xl destroy domd; waitdm
 D create domd d1 --disk-only; R=$?
 check "create d1 --disk-only (destroyed domain)" $(( R != 0 ))
 echo "qcow2 snapshots: $(tags)"
-check "d1 in the qcow2 snapshot table" $(tags | grep -qw d1; echo $?)
+check "d1 in the qcow2 snapshot table" $(hastag d1; echo $?)
 
 t "=== delete c1"
 D delete domd c1; R=$?
 check "delete c1" $(( R != 0 ))
-check "c1 gone from the qcow2 snapshot table" $(tags | grep -qw c1; echo $(( $? == 0 )))
+check "c1 gone from the qcow2 snapshot table" $(hastag c1; echo $(( $? == 0 )))
 
 t "=== list and history"
 D --json list domd > /tmp/list.json; R=$?; cat /tmp/list.json; echo
 check "list --json" $(( R != 0 || $(grep -c '"d1"' /tmp/list.json) == 0 ))
-check "catalog matches the qcow2 snapshot table" $([ "$(names)" = "$(tags)" ]; echo $?)
-echo "catalog: [$(names)] qcow2: [$(tags)]"
+check "catalog matches the qcow2 snapshot table" $([ "$(cattags)" = "$(tags)" ]; echo $?)
+echo "catalog tags: [$(cattags)] qcow2 table: [$(tags)]"
 D --json history > /tmp/history.json; R=$?; head -c 3000 /tmp/history.json; echo
 check "history --json" $(( R != 0 || $(grep -c revert /tmp/history.json) == 0 ))
 
@@ -73,13 +74,15 @@ if [ "${SKIP_CRASH:-0}" != 1 ]; then
 t "=== crash: kill -9 between xl save -p and the disk snapshot"
 : > $GL; xl create $CFG; waitticks 3 180; t "domU up again"
 FAILPOINTS="$FP=sleep(60000)" domsnap --host xen --state $S create domd k1 > /tmp/k1.out 2>&1 &
-P=$!; hit=1
-for i in $(seq 1 600); do
-  # saved and waiting at the failpoint: domain paused and no xl save left
-  if paused && ! ps | grep -v grep | grep -q 'xl save'; then sleep 2
-    paused && ! ps | grep -v grep | grep -q 'xl save' && kill -0 $P 2>/dev/null && { hit=0; break; }; fi
+P=$!; hit=1; seen=0
+saving() { ps | grep -v grep | grep -q 'xl save'; }
+for i in $(seq 1 1200); do
+  saving && seen=1
+  # xl save -p has run and finished, the domain is paused: domsnap waits at the failpoint
+  if [ $seen = 1 ] && paused && ! saving; then sleep 2
+    paused && ! saving && kill -0 $P 2>/dev/null && { hit=0; break; }; fi
   kill -0 $P 2>/dev/null || break
-  sleep 0.5
+  sleep 0.3
 done
 t "killing domsnap (pid $P) with the domain $(xlstate)"; kill -9 $P; wait $P 2>/dev/null; cat /tmp/k1.out
 check "crash window reached (domain paused after xl save -p)" $hit
@@ -88,8 +91,8 @@ D recover; R=$?
 check "recover after kill -9" $(( R != 0 ))
 sleep 2; waitticks 2 60
 check "domain runs again after recovery" $(running; echo $?)
-echo "catalog: [$(names)] qcow2: [$(tags)]"
-check "catalog matches the qcow2 snapshot table after the crash" $([ "$(names)" = "$(tags)" ]; echo $?)
+echo "catalog tags: [$(cattags)] qcow2 table: [$(tags)]"
+check "catalog matches the qcow2 snapshot table after the crash" $([ "$(cattags)" = "$(tags)" ]; echo $?)
 check "no MISMATCH after the crash" $(mism)
 D --json history > /tmp/history.json; tail -c 1500 /tmp/history.json; echo
 fi

@@ -3,7 +3,8 @@
 # under QEMU, run dom0-test.sh inside dom0, print its results.
 #   DOMSNAP_BIN=path/to/domsnap tests/xen-lab/run.sh
 # Env: XEN_LAB_DIR (default /tmp/domsnap-xen-lab), TIMEOUT (seconds for the boot, default 1140),
-#      SKIP_CRASH=1 (domsnap built without the failpoints feature), ACCEL, SMP, MEM.
+#      SKIP_CRASH=1 (domsnap built without the failpoints feature), FAILPOINT (the engine's
+#      failpoint between `xl save -p` and the disk snapshots), ACCEL, SMP, MEM.
 # Exit: 0 all checks passed, 1 a check failed or the run did not finish, 3 this host cannot
 # run the lab (reason on stderr).
 set -uo pipefail
@@ -15,7 +16,8 @@ T0=$(date +%s)
 "$HERE/setup.sh" || { rc=$?; [ $rc = 3 ] && exit 3; echo "xen-lab: setup failed" >&2; exit 1; }
 "$HERE/build-initrd.sh" >/dev/null || { echo "xen-lab: building the boot images failed" >&2; exit 1; }
 SHARE=$XEN_LAB_DIR/share; mkdir -p "$SHARE"; rm -f "$SHARE/results.txt" "$SHARE/test.sh" "$SHARE/test.env"
-[ "${SKIP_CRASH:-0}" = 1 ] && echo "SKIP_CRASH=1" > "$SHARE/test.env"
+[ "${SKIP_CRASH:-0}" = 1 ] && echo "SKIP_CRASH=1" >> "$SHARE/test.env"
+[ -n "${FAILPOINT:-}" ] && echo "FP=$FAILPOINT" >> "$SHARE/test.env"
 echo "xen-lab: booting Xen under QEMU (${ACCEL:-tcg}); serial log $XEN_LAB_DIR/serial.log"
 TIMEOUT=${TIMEOUT:-1140} "$HERE/run-qemu.sh"; qrc=$?
 T1=$(date +%s)

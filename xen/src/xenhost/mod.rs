@@ -28,11 +28,12 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{DiskInfo, DomainInfo, Error, Host, Result, RunState};
 use config::{Saved, Store};
 use fifo::StreamError;
+use qmp::SnapshotOp;
 use xc::{Xc, XcDomain};
 use xl::{ScratchFiles, Tools};
 
@@ -217,49 +218,25 @@ impl XenHost {
         Ok(disk)
     }
 
-    /// Runs QMP `commands` on the device model of `active`.
-    fn qmp(
+    /// Internal snapshots of `disk` through the device model (one QMP session), creating or
+    /// deleting `tag` on the way; the names as they were before.
+    fn live_snapshots(
         &self,
         name: &str,
         active: &Active,
-        commands: &[(&str, Option<Value>)],
-    ) -> Result<Vec<Value>> {
-        qmp::run(&self.tools.qmp_socket(active.domid), QMP_TIMEOUT, commands).map_err(|e| {
-            Error::DeviceModel {
-                domain: name.into(),
-                message: e.to_string(),
-            }
-        })
-    }
-
-    /// Internal snapshot names of the qcow2 node of `disk`, through the device model.
-    fn live_snapshots(&self, name: &str, active: &Active, disk: &DiskInfo) -> Result<Vec<String>> {
+        disk: &DiskInfo,
+        tag: &str,
+        op: SnapshotOp,
+    ) -> Result<Vec<String>> {
         let node = format!("{}-qcow2", disk.target);
-        let nodes = self.qmp(
-            name,
-            active,
-            &[("query-named-block-nodes", Some(json!({"flat": true})))],
-        )?;
-        let node_info = nodes
-            .first()
-            .and_then(Value::as_array)
-            .and_then(|list| {
-                list.iter()
-                    .find(|n| n.get("node-name").and_then(Value::as_str) == Some(&node))
-            })
-            .ok_or_else(|| Error::DeviceModel {
-                domain: name.into(),
-                message: format!("no block node {node:?} in the device model"),
-            })?;
-        Ok(node_info
-            .pointer("/image/snapshots")
-            .and_then(Value::as_array)
-            .map(|s| {
-                s.iter()
-                    .filter_map(|x| x.get("name").and_then(Value::as_str).map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let socket = self.tools.qmp_socket(active.domid);
+        let dm_err = |message: String| Error::DeviceModel {
+            domain: name.into(),
+            message,
+        };
+        qmp::node_snapshots(&socket, QMP_TIMEOUT, &node, tag, op)
+            .map_err(|e| dm_err(e.to_string()))?
+            .ok_or_else(|| dm_err(format!("no block node {node:?} in the device model")))
     }
 
     /// Unpauses `domid` until Xen no longer counts it paused (at most a few rounds).
@@ -489,7 +466,7 @@ impl Host for XenHost {
         match self.active(name)? {
             Some(a) => {
                 let disk = Self::disk_of(name, &a.config, target)?;
-                self.live_snapshots(name, &a, &disk)
+                self.live_snapshots(name, &a, &disk, "", SnapshotOp::List)
             }
             None => {
                 let saved = self.saved(name)?;
@@ -503,15 +480,7 @@ impl Host for XenHost {
         match self.active(name)? {
             Some(a) => {
                 let disk = Self::disk_of(name, &a.config, target)?;
-                if self
-                    .live_snapshots(name, &a, &disk)?
-                    .iter()
-                    .any(|t| t == tag)
-                {
-                    return Ok(());
-                }
-                let args = json!({"device": format!("{target}-qcow2"), "name": tag});
-                self.qmp(name, &a, &[("blockdev-snapshot-internal-sync", Some(args))])?;
+                self.live_snapshots(name, &a, &disk, tag, SnapshotOp::Create)?;
                 Ok(())
             }
             None => {
@@ -529,19 +498,7 @@ impl Host for XenHost {
         match self.active(name)? {
             Some(a) => {
                 let disk = Self::disk_of(name, &a.config, target)?;
-                if !self
-                    .live_snapshots(name, &a, &disk)?
-                    .iter()
-                    .any(|t| t == tag)
-                {
-                    return Ok(());
-                }
-                let args = json!({"device": format!("{target}-qcow2"), "name": tag});
-                self.qmp(
-                    name,
-                    &a,
-                    &[("blockdev-snapshot-delete-internal-sync", Some(args))],
-                )?;
+                self.live_snapshots(name, &a, &disk, tag, SnapshotOp::Delete)?;
                 Ok(())
             }
             None => {

@@ -144,6 +144,7 @@ impl Qmp {
 
 /// Runs `commands` in one session on `socket` (a fresh single-threaded runtime, as XenHost is
 /// synchronous) and returns their results in order.
+#[cfg(test)]
 pub(crate) fn run(
     socket: &Path,
     timeout: Duration,
@@ -162,6 +163,74 @@ pub(crate) fn run(
         }
         Ok(out)
     })
+}
+
+/// What to do with an internal snapshot of a block node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotOp {
+    /// Only list the node's snapshots.
+    List,
+    /// Take snapshot `tag` unless the node has it.
+    Create,
+    /// Delete snapshot `tag` if the node has it.
+    Delete,
+}
+
+/// Lists the internal snapshots of block node `node` and, in the same session, creates or
+/// deletes `tag` when needed (idempotent). Returns the names as they were before; `None` if the
+/// device model has no such node.
+pub(crate) fn node_snapshots(
+    socket: &Path,
+    timeout: Duration,
+    node: &str,
+    tag: &str,
+    op: SnapshotOp,
+) -> Result<Option<Vec<String>>, QmpError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| QmpError::Io("runtime".into(), e))?;
+    rt.block_on(async {
+        let mut qmp = Qmp::connect(socket, timeout).await?;
+        let nodes = qmp
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .await?;
+        let Some(names) = snapshot_names(&nodes, node) else {
+            return Ok(None);
+        };
+        let has = names.iter().any(|n| n == tag);
+        let args = Some(json!({"device": node, "name": tag}));
+        match op {
+            SnapshotOp::Create if !has => {
+                qmp.execute("blockdev-snapshot-internal-sync", args).await?;
+            }
+            SnapshotOp::Delete if has => {
+                qmp.execute("blockdev-snapshot-delete-internal-sync", args)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(Some(names))
+    })
+}
+
+/// The snapshot names of `node` in a `query-named-block-nodes` answer.
+fn snapshot_names(nodes: &Value, node: &str) -> Option<Vec<String>> {
+    let info = nodes
+        .as_array()?
+        .iter()
+        .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))?;
+    Some(
+        info.pointer("/image/snapshots")
+            .and_then(Value::as_array)
+            .map(|s| {
+                s.iter()
+                    .filter_map(|x| x.get("name").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
