@@ -70,16 +70,21 @@ fn create_killed_at_every_step_is_rolled_back_or_forward() {
         ("engine::create::after-resume", "rolled-forward"),
         ("engine::create::before-commit", "rolled-forward"),
     ];
-    for (fp, outcome) in cases {
+    for (external, (fp, outcome)) in [false, true]
+        .into_iter()
+        .flat_map(|e| cases.iter().map(move |c| (e, c)))
+    {
+        let kind: &[&str] = if external { &["--external"] } else { &[] };
+        let create = |name: &'static str| [&["create", "c", name][..], kind].concat();
         let env = Env::new();
         env.running_domain("c", "16M", &["32M", "32M"]);
-        env.run(&["create", "c", "base"]);
+        env.run(&create("base"));
         let (name, spec) = match fp.split_once('|') {
             Some((spec, name)) => (name, spec.to_string()),
             None => (*fp, "return".to_string()),
         };
         let out = env
-            .cmd(&["create", "c", "snap"])
+            .cmd(&create("snap"))
             .env("FAILPOINTS", format!("{name}={spec}"))
             .output()
             .unwrap();
@@ -97,7 +102,7 @@ fn create_killed_at_every_step_is_rolled_back_or_forward() {
             "{fp}: recovery is journaled"
         );
         // The domain is usable: a new snapshot and a revert to it work.
-        env.run(&["create", "c", "after"]);
+        env.run(&create("after"));
         env.run(&["revert", "c", "base"]);
         check_recovered(&env, "c", "running");
     }
@@ -175,12 +180,24 @@ fn revert_killed_at_every_step_never_leaves_a_half_reverted_domain() {
         ("engine::revert::after-set-run-state", true),
         ("engine::revert::before-commit", true),
     ];
-    for (fp, forward) in cases {
+    let external_cases: &[(&str, bool)] = &[
+        ("engine::revert::before-discard-image", true),
+        ("engine::revert::after-discard-image", true),
+    ];
+    let all = cases
+        .iter()
+        .map(|c| (false, c))
+        .chain(cases.iter().chain(external_cases).map(|c| (true, c)));
+    for (external, (fp, forward)) in all {
         let env = Env::new();
         env.running_domain("r", "16M", &["32M", "32M"]);
         env.run(&["domain", "pause", "r"]);
         let (m, d) = (env.memory_counter("r"), env.disk_counter("r"));
-        env.run(&["create", "r", "cp"]);
+        if external {
+            env.run(&["create", "r", "cp", "--external"]);
+        } else {
+            env.run(&["create", "r", "cp"]);
+        }
         env.run(&["domain", "unpause", "r"]);
         env.wait_counter("r", 30);
         crash(&env, &["revert", "r", "cp"], fp);
@@ -214,11 +231,15 @@ fn delete_killed_at_every_step_is_finished() {
         "engine::delete::after-release-image",
         "engine::delete::before-commit",
     ];
-    for fp in cases {
+    for (external, fp) in [false, true]
+        .into_iter()
+        .flat_map(|e| cases.iter().map(move |c| (e, *c)))
+    {
         let env = Env::new();
         env.running_domain("d", "16M", &["32M", "32M"]);
-        env.run(&["create", "d", "one"]);
-        env.run(&["create", "d", "two"]);
+        let kind: &[&str] = if external { &["--external"] } else { &[] };
+        env.run(&[&["create", "d", "one"][..], kind].concat());
+        env.run(&[&["create", "d", "two"][..], kind].concat());
         crash(&env, &["delete", "d", "one"], fp);
         let op = check_recovered(&env, "d", "running");
         assert_eq!(op["outcome"], "rolled-forward", "{fp}");
