@@ -10,7 +10,6 @@ use xen::RunState;
 
 use crate::engine::{error_chain, Engine};
 use crate::error::{Error, Result};
-use crate::names;
 use crate::plan::{Progress, Step};
 
 /// What to create.
@@ -77,12 +76,7 @@ impl Engine {
     /// Creates a snapshot. A shut-off domain gets a disk-only snapshot (it has no memory);
     /// a running or paused one a checkpoint unless `disk_only`.
     pub fn create(&mut self, req: &CreateRequest) -> Result<SnapshotMeta> {
-        names::check("domain", &req.domain)?;
-        names::check("snapshot", &req.name)?;
-        self.require_writer()?;
-        self.hold_domain(&req.domain)?;
-        let info = self.host.domain(&req.domain)?;
-        let catalog = self.journal.domain_catalog(&req.domain)?;
+        let (info, catalog) = self.prepare(&req.domain, &req.name)?;
         if catalog.snapshots.contains_key(&req.name) {
             return Err(Error::SnapshotExists {
                 domain: req.domain.clone(),
@@ -182,18 +176,12 @@ impl Engine {
             description: req.description.clone(),
             crash_consistent: disk_only && state == RunState::Running,
         };
-        let begun = self.begin(OpBegun {
-            op,
-            at: journal::now_millis(),
-            kind: OpKind::Create,
-            domain: req.domain.clone(),
-            snapshot: req.name.clone(),
-            user: crate::whoami(),
-            pid: std::process::id(),
-            host: self.host.kind().to_string(),
-            prior_state: journal_state(state),
-            steps: plan.iter().map(ToString::to_string).collect(),
-            params: OpParams {
+        let begun = self.begin(
+            OpKind::Create,
+            &info,
+            &req.name,
+            &plan,
+            OpParams {
                 disk_only,
                 crash_consistent: meta.crash_consistent,
                 external: req.external,
@@ -201,7 +189,8 @@ impl Engine {
                 snapshot: Some(meta),
                 ..OpParams::default()
             },
-        })?;
+        )?;
+        debug_assert_eq!(begun.op, op);
 
         let mut progress = Progress::default();
         for step in &plan {
@@ -363,7 +352,6 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        let mut end_batch = Batch::new();
         for step in progress.begun.iter().rev() {
             if undone.contains(&step.to_string()) {
                 continue;
@@ -405,7 +393,7 @@ impl Engine {
                 at: journal::now_millis(),
                 reason: reason.to_string(),
             },
-            std::mem::take(&mut end_batch),
+            Batch::new(),
         )
     }
 }

@@ -3,10 +3,8 @@
 
 use journal::{Batch, Event, OpBegun, OpKind, OpParams, SnapshotKind, StepDetail};
 
-use crate::create::journal_state;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::names;
 use crate::plan::{Progress, Step};
 
 /// What to delete.
@@ -23,18 +21,13 @@ pub struct DeleteRequest {
 impl Engine {
     /// Deletes a snapshot (with `children`, its subtree); returns the names deleted.
     pub fn delete(&mut self, req: &DeleteRequest) -> Result<Vec<String>> {
-        names::check("domain", &req.domain)?;
-        names::check("snapshot", &req.name)?;
-        self.require_writer()?;
-        self.hold_domain(&req.domain)?;
-        let catalog = self.journal.domain_catalog(&req.domain)?;
+        let (info, catalog) = self.prepare(&req.domain, &req.name)?;
         if !catalog.snapshots.contains_key(&req.name) {
             return Err(Error::NoSuchSnapshot {
                 domain: req.domain.clone(),
                 name: req.name.clone(),
             });
         }
-        let info = self.host.domain(&req.domain)?;
         let names = if req.children {
             catalog.subtree(&req.name)
         } else {
@@ -50,23 +43,16 @@ impl Engine {
                 plan.push(Step::ReleaseImage(name.clone()));
             }
         }
-        let op = self.journal.next_seq();
-        let begun = self.begin(OpBegun {
-            op,
-            at: journal::now_millis(),
-            kind: OpKind::Delete,
-            domain: req.domain.clone(),
-            snapshot: req.name.clone(),
-            user: crate::whoami(),
-            pid: std::process::id(),
-            host: self.host.kind().to_string(),
-            prior_state: journal_state(info.state),
-            steps: plan.iter().map(ToString::to_string).collect(),
-            params: OpParams {
+        let begun = self.begin(
+            OpKind::Delete,
+            &info,
+            &req.name,
+            &plan,
+            OpParams {
                 delete_names: names.clone(),
                 ..OpParams::default()
             },
-        })?;
+        )?;
         self.forward_delete(&begun, &Progress::default())
             .map_err(|err| Error::StepFailed {
                 op: "delete",

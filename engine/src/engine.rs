@@ -7,8 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use journal::{Batch, Event, Journal, Mode, OpBegun, OpId, StepDetail};
-use xen::Host;
+use journal::{
+    Batch, DomainCatalog, Event, Journal, Mode, OpBegun, OpId, OpKind, OpParams, StepDetail,
+};
+use xen::{DomainInfo, Host};
 
 use crate::error::{Error, Result};
 use crate::memstore::MemStore;
@@ -202,22 +204,84 @@ impl Engine {
         }
     }
 
-    /// Journals the start of an operation.
-    pub(crate) fn begin(&mut self, begun: OpBegun) -> Result<OpBegun> {
+    /// What every operation checks first: the names, that this process may write, the
+    /// domain's lock; then the domain as the host sees it and its catalog.
+    pub(crate) fn prepare(
+        &mut self,
+        domain: &str,
+        snapshot: &str,
+    ) -> Result<(DomainInfo, DomainCatalog)> {
+        names::check("domain", domain)?;
+        names::check("snapshot", snapshot)?;
+        self.require_writer()?;
+        self.hold_domain(domain)?;
+        let info = self.host.domain(domain)?;
+        let catalog = self.journal.domain_catalog(domain)?;
+        Ok((info, catalog))
+    }
+
+    /// Journals the start of an operation: its plan, options and the domain's run state.
+    /// Its id is the sequence number of this event, [`Journal::next_seq`] until it is written.
+    pub(crate) fn begin(
+        &mut self,
+        kind: OpKind,
+        info: &DomainInfo,
+        snapshot: &str,
+        plan: &[Step],
+        params: OpParams,
+    ) -> Result<OpBegun> {
+        let begun = OpBegun {
+            op: self.journal.next_seq(),
+            at: journal::now_millis(),
+            kind,
+            domain: info.name.clone(),
+            snapshot: snapshot.to_string(),
+            user: crate::whoami(),
+            pid: std::process::id(),
+            host: self.host.kind().to_string(),
+            prior_state: crate::create::journal_state(info.state),
+            steps: plan.iter().map(ToString::to_string).collect(),
+            params,
+        };
         self.journal.append(Event::OpBegun(begun.clone()))?;
-        crash_point(&format!("engine::{}::after-begin", begun.kind.as_str()));
+        crash_point(&format!("engine::{}::after-begin", kind.as_str()));
         Ok(begun)
     }
 
     /// Runs one step: `StepBegun` (synced), the action, then `StepDone` with the action's
     /// batch in one synced write. On error, `StepFailed` is journaled and the error returned.
+    /// Failpoints `engine::<op>::before-<step>` and `…::after-<step>` surround the action.
     pub(crate) fn run_step(
         &mut self,
         b: &OpBegun,
         step: &Step,
         action: impl FnOnce(&mut Engine) -> Result<(StepDetail, Batch)>,
     ) -> Result<StepDetail> {
-        let name = step.to_string();
+        self.journaled(b, step.to_string(), step.kind_name(), action)
+    }
+
+    /// Runs a compensation during a roll-back, journaled as step `undo:<step>` (failpoints
+    /// `engine::<op>::before-undo-<step>`, `…::after-undo-<step>`).
+    pub(crate) fn run_undo(
+        &mut self,
+        b: &OpBegun,
+        step: &Step,
+        action: impl FnOnce(&mut Engine) -> Result<Batch>,
+    ) -> Result<()> {
+        let kind = format!("undo-{}", step.kind_name());
+        self.journaled(b, format!("undo:{step}"), &kind, |e| {
+            Ok((StepDetail::default(), action(e)?))
+        })?;
+        Ok(())
+    }
+
+    fn journaled(
+        &mut self,
+        b: &OpBegun,
+        name: String,
+        failpoint: &str,
+        action: impl FnOnce(&mut Engine) -> Result<(StepDetail, Batch)>,
+    ) -> Result<StepDetail> {
         let op_kind = b.kind.as_str();
         self.journal.append(Event::StepBegun {
             op: b.op,
@@ -225,9 +289,9 @@ impl Engine {
             at: journal::now_millis(),
         })?;
         self.observer.step(b.op, &name, true);
-        crash_point(&format!("engine::{op_kind}::before-{}", step.kind_name()));
+        crash_point(&format!("engine::{op_kind}::before-{failpoint}"));
         match action(self) {
-            Ok((detail, mut batch)) => {
+            Ok((detail, batch)) => {
                 let mut done = Batch::new();
                 done.event(Event::StepDone {
                     op: b.op,
@@ -235,54 +299,11 @@ impl Engine {
                     at: journal::now_millis(),
                     detail: detail.clone(),
                 });
-                done.extend(std::mem::take(&mut batch));
-                self.journal.commit(done)?;
-                self.observer.step(b.op, &name, false);
-                crash_point(&format!("engine::{op_kind}::after-{}", step.kind_name()));
-                Ok(detail)
-            }
-            Err(e) => {
-                self.journal.append(Event::StepFailed {
-                    op: b.op,
-                    step: name,
-                    at: journal::now_millis(),
-                    error: error_chain(&e),
-                })?;
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs a compensation during a roll-back, journaled as step `undo:<step>`.
-    pub(crate) fn run_undo(
-        &mut self,
-        b: &OpBegun,
-        step: &Step,
-        action: impl FnOnce(&mut Engine) -> Result<Batch>,
-    ) -> Result<()> {
-        let name = format!("undo:{step}");
-        self.journal.append(Event::StepBegun {
-            op: b.op,
-            step: name.clone(),
-            at: journal::now_millis(),
-        })?;
-        crash_point(&format!(
-            "engine::{}::before-undo-{}",
-            b.kind.as_str(),
-            step.kind_name()
-        ));
-        match action(self) {
-            Ok(batch) => {
-                let mut done = Batch::new();
-                done.event(Event::StepDone {
-                    op: b.op,
-                    step: name,
-                    at: journal::now_millis(),
-                    detail: StepDetail::default(),
-                });
                 done.extend(batch);
                 self.journal.commit(done)?;
-                Ok(())
+                self.observer.step(b.op, &name, false);
+                crash_point(&format!("engine::{op_kind}::after-{failpoint}"));
+                Ok(detail)
             }
             Err(e) => {
                 self.journal.append(Event::StepFailed {

@@ -7,10 +7,9 @@ use xen::RunState;
 
 use std::path::{Path, PathBuf};
 
-use crate::create::{journal_state, overlay_path};
+use crate::create::overlay_path;
 use crate::engine::{error_chain, Engine};
 use crate::error::{Error, Result};
-use crate::names;
 use crate::plan::{Progress, Step};
 
 /// What to revert to.
@@ -29,12 +28,7 @@ impl Engine {
     /// (missing disk snapshots, a damaged memory image) is checked before the domain is
     /// touched.
     pub fn revert(&mut self, req: &RevertRequest) -> Result<SnapshotMeta> {
-        names::check("domain", &req.domain)?;
-        names::check("snapshot", &req.name)?;
-        self.require_writer()?;
-        self.hold_domain(&req.domain)?;
-        let info = self.host.domain(&req.domain)?;
-        let catalog = self.journal.domain_catalog(&req.domain)?;
+        let (info, catalog) = self.prepare(&req.domain, &req.name)?;
         let snap =
             catalog
                 .snapshots
@@ -96,19 +90,12 @@ impl Engine {
         }
         plan.push(Step::SetRunState);
 
-        let op = self.journal.next_seq();
-        let begun = self.begin(OpBegun {
-            op,
-            at: journal::now_millis(),
-            kind: OpKind::Revert,
-            domain: req.domain.clone(),
-            snapshot: req.name.clone(),
-            user: crate::whoami(),
-            pid: std::process::id(),
-            host: self.host.kind().to_string(),
-            prior_state: journal_state(info.state),
-            steps: plan.iter().map(ToString::to_string).collect(),
-            params: OpParams {
+        let begun = self.begin(
+            OpKind::Revert,
+            &info,
+            &req.name,
+            &plan,
+            OpParams {
                 target_state: Some(target),
                 snapshot: Some(snap.clone()),
                 disk_images: info
@@ -118,7 +105,8 @@ impl Engine {
                     .collect(),
                 ..OpParams::default()
             },
-        })?;
+        )?;
+        let op = begun.op;
         let mut progress = Progress::default();
         for step in &plan {
             progress.begun.push(step.clone());
