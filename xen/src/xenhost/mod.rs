@@ -512,6 +512,12 @@ impl Host for XenHost {
         }
     }
 
+    /// Also waits for the device model of the domain's last incarnation to exit.
+    fn shut_off_disk(&self, name: &str, target: &str, operation: &'static str) -> Result<PathBuf> {
+        let saved = self.require_shutoff(name, operation)?;
+        Ok(Self::disk_of(name, &saved.config, target)?.path)
+    }
+
     fn apply_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
         let saved = self.require_shutoff(name, "apply a disk snapshot")?;
         let disk = Self::disk_of(name, &saved.config, target)?;
