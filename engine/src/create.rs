@@ -1,8 +1,8 @@
 //! `create`: take a checkpoint (memory + every disk at one instant) or a disk-only snapshot.
 
 use journal::{
-    Batch, DiskSnapshot, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind, SnapshotMeta,
-    StepDetail,
+    Batch, Decision, DiskSnapshot, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind,
+    SnapshotMeta, StepDetail,
 };
 use std::path::{Path, PathBuf};
 
@@ -10,7 +10,7 @@ use xen::RunState;
 
 use crate::engine::{error_chain, Engine};
 use crate::error::{Error, Result};
-use crate::plan::{Progress, Step};
+use crate::plan::{decide, Progress, Step};
 
 /// What to create.
 #[derive(Debug, Clone, Default)]
@@ -198,12 +198,24 @@ impl Engine {
             match self.run_step(&begun, step, |e| e.create_step(&begun, step)) {
                 Ok(_) => progress.done.push(step.clone()),
                 Err(err) => {
-                    let aftermath = match self.undo_create(&begun, &progress, &error_chain(&err)) {
-                        Ok(()) => "the snapshot was rolled back; the domain is as it was".into(),
-                        Err(undo) => format!(
-                            "rolling back failed too ({}); the next domsnap command will retry",
-                            error_chain(&undo)
-                        ),
+                    // The same rule as recovery's: once every data step is done the
+                    // snapshot is complete and is finished, never thrown away.
+                    let aftermath = match decide(OpKind::Create, &plan, &progress).0 {
+                        Decision::Forward => "the snapshot itself is complete; the next domsnap \
+                            command finishes the operation and restores the run state"
+                            .to_string(),
+                        Decision::Back => {
+                            match self.undo_create(&begun, &progress, &error_chain(&err)) {
+                                Ok(()) => {
+                                    "the snapshot was rolled back; the domain is as it was".into()
+                                }
+                                Err(undo) => format!(
+                                    "rolling back failed too ({}); the next domsnap command will \
+                                     retry",
+                                    error_chain(&undo)
+                                ),
+                            }
+                        }
                     };
                     return Err(Error::StepFailed {
                         op: "create",

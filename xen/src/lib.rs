@@ -218,3 +218,68 @@ pub trait Host {
         )))
     }
 }
+
+/// A shared host is a host: a test keeps one handle to steer a fake while the engine owns
+/// the other.
+impl<H: Host + ?Sized> Host for std::sync::Arc<H> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    fn domains(&self) -> Result<Vec<DomainInfo>> {
+        (**self).domains()
+    }
+    fn domain(&self, name: &str) -> Result<DomainInfo> {
+        (**self).domain(name)
+    }
+    fn pause(&self, name: &str) -> Result<()> {
+        (**self).pause(name)
+    }
+    fn unpause(&self, name: &str) -> Result<()> {
+        (**self).unpause(name)
+    }
+    fn save_memory(&self, name: &str, sink: &mut dyn Write) -> Result<u64> {
+        (**self).save_memory(name, sink)
+    }
+    fn destroy(&self, name: &str) -> Result<()> {
+        (**self).destroy(name)
+    }
+    fn restore_memory(&self, name: &str, source: &mut dyn Read) -> Result<()> {
+        (**self).restore_memory(name, source)
+    }
+    fn start(&self, name: &str, paused: bool) -> Result<()> {
+        (**self).start(name, paused)
+    }
+    fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>> {
+        (**self).disk_snapshots(name, target)
+    }
+    fn create_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
+        (**self).create_disk_snapshot(name, target, tag)
+    }
+    fn delete_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
+        (**self).delete_disk_snapshot(name, target, tag)
+    }
+    fn apply_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
+        (**self).apply_disk_snapshot(name, target, tag)
+    }
+    fn create_external_snapshot(&self, name: &str, target: &str, overlay: &Path) -> Result<()> {
+        (**self).create_external_snapshot(name, target, overlay)
+    }
+    fn revert_external_snapshot(
+        &self,
+        name: &str,
+        target: &str,
+        base: &Path,
+        overlay: &Path,
+    ) -> Result<()> {
+        (**self).revert_external_snapshot(name, target, base, overlay)
+    }
+    fn check_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        (**self).check_disk(name, target)
+    }
+    fn repair_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        (**self).repair_disk(name, target)
+    }
+    fn remove_image(&self, name: &str, target: &str, image: &Path) -> Result<()> {
+        (**self).remove_image(name, target, image)
+    }
+}

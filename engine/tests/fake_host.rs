@@ -1,0 +1,180 @@
+//! The engine on a deterministic in-process host (`xen::sim::FakeHost`): real journal,
+//! real chunk store, real qcow2 disks; the host's failures injected one at a time, and the
+//! guest's counter advanced only by the test, so every expected value is exact.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::{Access, CreateRequest, DeleteRequest, Engine, HistoryFilter, Quiet, RevertRequest};
+use journal::Outcome;
+use xen::sim::{FakeHost, FakeOp};
+use xen::{Host, RunState};
+
+struct Lab {
+    dir: tempfile::TempDir,
+    host: Arc<FakeHost>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("disks")).unwrap();
+        let host = Arc::new(FakeHost::new(&dir.path().join("disks")));
+        host.define("vm", 1 << 20, &[8 << 20, 8 << 20]).unwrap();
+        host.start("vm", false).unwrap();
+        Lab { dir, host }
+    }
+
+    /// Opens the engine (which recovers whatever is open).
+    fn engine(&self) -> Engine {
+        Engine::open(
+            &self.dir.path().join("state"),
+            Box::new(self.host.clone()),
+            Access::Write,
+            None,
+            Duration::from_secs(5),
+            Box::new(Quiet),
+        )
+        .unwrap()
+    }
+
+    fn last_outcome(&self, engine: &Engine) -> Outcome {
+        let ops = engine.history(&HistoryFilter::default()).unwrap();
+        let last = ops.last().unwrap();
+        engine.journal().op(last.id).unwrap().unwrap().outcome
+    }
+
+    fn state(&self) -> RunState {
+        self.host.domain("vm").unwrap().state
+    }
+}
+
+fn create(name: &str) -> CreateRequest {
+    CreateRequest {
+        domain: "vm".into(),
+        name: name.into(),
+        ..CreateRequest::default()
+    }
+}
+
+fn revert(name: &str) -> RevertRequest {
+    RevertRequest {
+        domain: "vm".into(),
+        name: name.into(),
+        state: None,
+    }
+}
+
+#[test]
+fn revert_brings_back_the_exact_counter_of_the_checkpoint() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.step("vm", 10).unwrap();
+    engine.create(&create("ten")).unwrap();
+    assert_eq!(lab.state(), RunState::Running);
+    lab.host.step("vm", 15).unwrap();
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 25);
+    engine.revert(&revert("ten")).unwrap();
+    assert_eq!(lab.state(), RunState::Running);
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 10);
+    assert_eq!(lab.last_outcome(&engine), Outcome::Committed);
+}
+
+#[test]
+fn a_failing_disk_snapshot_rolls_the_create_back_and_resumes_the_domain() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.step("vm", 3).unwrap();
+    // xvda succeeds, xvdb fails: xvda's snapshot must be undone.
+    engine.create(&create("ok")).unwrap();
+    lab.host.fail_next(FakeOp::CreateDiskSnapshot, 1);
+    let err = engine.create(&create("broken")).unwrap_err();
+    assert!(err.to_string().contains("snapshot-disk:xvda"), "{err}");
+    assert!(err.to_string().contains("rolled back"), "{err}");
+    assert_eq!(lab.last_outcome(&engine), Outcome::RolledBack);
+    assert_eq!(lab.state(), RunState::Running, "never left paused");
+    for t in ["xvda", "xvdb"] {
+        assert_eq!(lab.host.disk_snapshots("vm", t).unwrap().len(), 1, "{t}");
+    }
+    assert!(engine.verify(None, true).unwrap().is_clean());
+}
+
+#[test]
+fn a_failing_resume_is_finished_by_recovery() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.fail_next(FakeOp::Unpause, 1);
+    assert!(engine.create(&create("s")).is_err());
+    assert_eq!(lab.state(), RunState::Paused);
+    drop(engine);
+    // Every data step had finished: recovery resumes the domain and commits.
+    let engine = lab.engine();
+    assert_eq!(lab.state(), RunState::Running);
+    assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
+    assert_eq!(engine.list("vm").unwrap().len(), 1);
+}
+
+#[test]
+fn a_revert_that_fails_after_the_domain_stopped_is_rolled_forward() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.step("vm", 7).unwrap();
+    engine.create(&create("seven")).unwrap();
+    lab.host.step("vm", 5).unwrap();
+    lab.host.fail_next(FakeOp::RestoreMemory, 1);
+    let err = engine.revert(&revert("seven")).unwrap_err();
+    assert!(
+        err.to_string().contains("next domsnap command finishes"),
+        "{err}"
+    );
+    assert_eq!(lab.state(), RunState::Shutoff);
+    drop(engine);
+    let engine = lab.engine();
+    assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
+    assert_eq!(lab.state(), RunState::Running);
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 7);
+}
+
+#[test]
+fn a_revert_whose_destroy_fails_is_finished_by_recovery() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    engine.create(&create("s")).unwrap();
+    lab.host.step("vm", 4).unwrap();
+    lab.host.fail_next(FakeOp::Destroy, 1);
+    // The destroy step began, so the rule says forward: the next start finishes it.
+    assert!(engine.revert(&revert("s")).is_err());
+    drop(engine);
+    let engine = lab.engine();
+    assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 0);
+}
+
+#[test]
+fn a_failing_delete_is_finished_by_recovery() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    engine.create(&create("a")).unwrap();
+    engine.create(&create("b")).unwrap();
+    lab.host.fail_next(FakeOp::DeleteDiskSnapshot, 1);
+    assert!(engine
+        .delete(&DeleteRequest {
+            domain: "vm".into(),
+            name: "a".into(),
+            children: false,
+        })
+        .is_err());
+    drop(engine);
+    let engine = lab.engine();
+    assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
+    let names: Vec<String> = engine
+        .list("vm")
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["b"]);
+    assert_eq!(lab.host.disk_snapshots("vm", "xvda").unwrap().len(), 1);
+    assert!(engine.verify(None, true).unwrap().is_clean());
+}
