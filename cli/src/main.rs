@@ -67,6 +67,11 @@ fn main() -> ExitCode {
                     for cause in err.chain().skip(1) {
                         eprintln!("  caused by: {cause}");
                     }
+                    if (code == EXIT_USAGE || code == EXIT_BUSY)
+                        && !err.to_string().contains("othing was changed")
+                    {
+                        eprintln!("  nothing was changed");
+                    }
                 }
             }
             ExitCode::from(code)
