@@ -38,20 +38,28 @@ pub fn list(path: &Path) -> Result<Vec<Snapshot>> {
         .collect())
 }
 
-/// Makes the COPIED flags of the active tables match the transaction's new refcounts,
-/// copying L2 tables that would need editing. Returns the new L1 table and whether it differs.
-fn normalize_active(txn: &mut Txn<'_>, l1: &[u64]) -> Result<(Vec<u64>, bool)> {
+/// Makes the COPIED flags of the active tables match the transaction's new refcounts.
+/// A table whose flags must change is replaced, never edited: by `alt[i]` (an existing table
+/// the transaction also holds, such as the old active table of apply or the deleted
+/// snapshot's table) when that table already holds exactly the wanted entries, otherwise by a
+/// fresh copy. All fresh copies go into one run of clusters, written at once. Returns the new
+/// L1 table and whether it differs.
+fn normalize_active(txn: &mut Txn<'_>, l1: &[u64], alt: &[u64]) -> Result<(Vec<u64>, bool)> {
     let bits = txn.img.header.cluster_bits;
     let stride = (txn.img.header.l2_entry_bytes() / 8) as usize;
     let mut out = l1.to_vec();
-    for slot in out.iter_mut() {
+    let mut copies: Vec<usize> = Vec::new();
+    let mut fresh: Vec<u64> = Vec::new();
+    let mut table: Vec<u64> = Vec::new();
+    for (i, slot) in out.iter_mut().enumerate() {
         let l2_off = *slot & OFFSET_MASK;
         if l2_off == 0 {
             continue;
         }
-        let mut table = txn.take_l2(l2_off)?;
+        let current = txn.l2(l2_off)?;
+        table.clear();
+        table.extend_from_slice(&current);
         let mut changed = false;
-        let mut bad = None;
         for e in table.iter_mut().step_by(stride) {
             match l2_ref(*e, bits) {
                 Ok(L2Ref::Standard(o)) => {
@@ -64,19 +72,33 @@ fn normalize_active(txn: &mut Txn<'_>, l1: &[u64]) -> Result<(Vec<u64>, bool)> {
                     *e = want;
                 }
                 Ok(_) => {}
-                Err(w) => bad = Some(w),
+                Err(w) => return Err(txn.img.corrupt(w)),
             }
         }
-        let result = match bad {
-            Some(w) => Err(txn.img.corrupt(w)),
-            // Replace the table by a fresh copy: the mapped clusters keep their path count.
-            None if changed => txn
-                .add(l2_off, -1)
-                .and_then(|()| txn.write_u64s(&table, "disk::internal::write_l2")),
-            None => Ok(l2_off),
-        };
-        txn.put_l2(table);
-        *slot = result?;
+        *slot = l2_off;
+        if !changed {
+            continue;
+        }
+        // The active path moves off this table; the mapped clusters keep their path count,
+        // as the replacement maps the same clusters.
+        txn.add(l2_off, -1)?;
+        let other = alt.get(i).map_or(0, |e| e & OFFSET_MASK);
+        if other != 0 && other != l2_off && *txn.l2(other)? == *table {
+            txn.add(other, 1)?;
+            *slot = other;
+        } else {
+            copies.push(i);
+            fresh.extend_from_slice(&table);
+        }
+    }
+    if !copies.is_empty() {
+        let cs = txn.img.cs();
+        let buf = txn.cluster_bytes(&fresh);
+        let first = txn.alloc(copies.len());
+        txn.write(first, buf, "disk::internal::write_l2")?;
+        for (k, &i) in copies.iter().enumerate() {
+            out[i] = first + k as u64 * cs;
+        }
     }
     for slot in out.iter_mut() {
         let l2_off = *slot & OFFSET_MASK;
@@ -111,7 +133,7 @@ fn write_table(txn: &mut Txn<'_>, entries: &[Entry]) -> Result<(u64, u32)> {
     let off = txn.alloc(n as usize);
     let mut buf = bytes;
     buf.resize((n * cs) as usize, 0);
-    txn.write(off, &buf, "disk::internal::write_table")?;
+    txn.write(off, buf, "disk::internal::write_table")?;
     Ok((off, entries.len() as u32))
 }
 
@@ -134,11 +156,12 @@ pub fn create(path: &Path, name: &str) -> Result<Snapshot> {
     let l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;
     let mut txn = Txn::begin(&img)?;
     txn.keep_bitmaps = true;
+    txn.prefetch_l2(&[&l1])?;
     for e in &l1 {
         txn.add_l2_path(*e, 1)?;
     }
     let snap_l1: Vec<u64> = l1.iter().map(|e| e & OFFSET_MASK).collect();
-    let (active, _) = normalize_active(&mut txn, &l1)?;
+    let (active, _) = normalize_active(&mut txn, &l1, &[])?;
     let snap_l1_off = txn.write_u64s(&snap_l1, "disk::internal::write_l1")?;
     let active_off = txn.write_u64s(&active, "disk::internal::write_l1")?;
     txn.free_table(h.l1_table_offset, u64::from(h.l1_size) * 8)?;
@@ -197,6 +220,7 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
     }
     snap_l1.resize(l1_len as usize, 0);
     let mut txn = Txn::begin(&img)?;
+    txn.prefetch_l2(&[&snap_l1, &old_l1])?;
     for e in &snap_l1 {
         txn.add_l2_path(*e, 1)?;
     }
@@ -204,7 +228,9 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
         txn.add_l2_path(*e, -1)?;
     }
     let base: Vec<u64> = snap_l1.iter().map(|e| e & OFFSET_MASK).collect();
-    let (active, _) = normalize_active(&mut txn, &base)?;
+    // Where the old active table maps what the snapshot's does, with the right flags, the
+    // active L1 table keeps it (typically all tables the guest has not written since).
+    let (active, _) = normalize_active(&mut txn, &base, &old_l1)?;
     let active_off = txn.write_u64s(&active, "disk::internal::write_l1")?;
     txn.free_table(h.l1_table_offset, u64::from(h.l1_size) * 8)?;
     let mut nh = h;
@@ -224,11 +250,14 @@ pub fn delete(path: &Path, name: &str) -> Result<()> {
     let snap_l1 = img.read_l1(snap.l1_table_offset, snap.l1_size)?;
     let mut txn = Txn::begin(&img)?;
     txn.keep_bitmaps = true;
+    txn.prefetch_l2(&[&l1, &snap_l1])?;
     for e in &snap_l1 {
         txn.add_l2_path(*e, -1)?;
     }
     txn.free_table(snap.l1_table_offset, u64::from(snap.l1_size) * 8)?;
-    let (active, changed) = normalize_active(&mut txn, &l1)?;
+    // Where the deleted snapshot's table maps what the active one does, with the flags the
+    // active one needs now, the active L1 table takes it over instead of a fresh copy.
+    let (active, changed) = normalize_active(&mut txn, &l1, &snap_l1)?;
     let mut nh = h.clone();
     if changed {
         nh.l1_table_offset = txn.write_u64s(&active, "disk::internal::write_l1")?;

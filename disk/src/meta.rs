@@ -24,12 +24,13 @@
 //! neither leaks nor corruptions can result from a crash.
 
 use crate::error::{io, Error, Result};
-use crate::format::{l2_ref, Header, L2Ref, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::{Header, COMPRESSED, MAX_SNAPSHOT_TABLE_BYTES, OFFSET_MASK};
 use crate::table;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// An image file opened for metadata work.
 #[derive(Debug)]
@@ -50,9 +51,21 @@ impl Image {
             .open(path)
             .map_err(io("open image", path))?;
         let len = file.metadata().map_err(io("stat image", path))?.len();
-        let mut first = vec![0u8; len.min(1 << 21) as usize];
+        // The header and its extensions lie in the first cluster: read 64 KiB, and the rest
+        // of the cluster only for larger clusters.
+        let mut first = vec![0u8; len.min(1 << 16) as usize];
         file.read_exact_at(&mut first, 0)
             .map_err(io("read header", path))?;
+        if first.len() >= 24 {
+            let bits = crate::format::be32(&first, 20);
+            if (17..=21).contains(&bits) {
+                let want = len.min(1 << bits) as usize;
+                let have = first.len();
+                first.resize(want, 0);
+                file.read_exact_at(&mut first[have..], have as u64)
+                    .map_err(io("read header", path))?;
+            }
+        }
         let header = Header::parse(path, &first, len)?;
         if writable {
             header.check_writable(path)?;
@@ -202,6 +215,12 @@ pub fn set_refcount(block: &mut [u8], j: usize, bits: u32, v: u64) {
     }
 }
 
+/// Memory for L2 tables kept by a [`Txn`] (1/8192 of the allocated guest data with 64 KiB
+/// clusters: 256 MiB covers 2 TiB).
+const L2_CACHE_BYTES: usize = 256 << 20;
+/// Largest single read of adjacent L2 tables.
+const PREFETCH_BYTES: usize = 8 << 20;
+
 /// A metadata change in progress: see the module documentation.
 #[derive(Debug)]
 pub struct Txn<'a> {
@@ -212,10 +231,13 @@ pub struct Txn<'a> {
     /// Failpoint group of the last write (a failpoint fires when the group changes).
     last_step: &'static str,
     cursor: usize,
-    /// Reused buffers: touching fresh memory is slow, and tables are read and written one
-    /// at a time.
-    l2buf: Vec<u64>,
-    bytebuf: Vec<u8>,
+    /// L2 tables read so far, by offset: each table is read from the file once (up to
+    /// [`L2_CACHE_BYTES`]; beyond that, tables are read again when needed).
+    l2: HashMap<u64, Rc<[u64]>>,
+    l2_cached: usize,
+    /// Fresh-cluster data not yet written: consecutive writes of one group are merged into one
+    /// `pwrite`, issued before the next group's failpoint (or before the refcounts).
+    pending: Option<(u64, Vec<u8>)>,
     /// Whether persistent bitmaps stay valid (the change leaves guest content alone).
     pub keep_bitmaps: bool,
 }
@@ -231,8 +253,9 @@ impl<'a> Txn<'a> {
             new,
             last_step: "",
             cursor: 1,
-            l2buf: Vec::new(),
-            bytebuf: Vec::new(),
+            l2: HashMap::new(),
+            l2_cached: 0,
+            pending: None,
             keep_bitmaps: false,
         })
     }
@@ -302,88 +325,191 @@ impl<'a> Txn<'a> {
             .unwrap_or(0)
     }
 
-    /// Reads the L2 table at `off` and returns it; give it back with [`Txn::put_l2`] so that
-    /// its memory is reused.
-    pub fn take_l2(&mut self, off: u64) -> Result<Vec<u64>> {
-        let cs = self.img.cs();
-        if off.checked_add(cs).is_none_or(|e| e > self.img.len) {
+    fn decode(bytes: &[u8]) -> Rc<[u64]> {
+        bytes
+            .chunks_exact(8)
+            .map(|c| crate::format::be64(c, 0))
+            .collect()
+    }
+
+    fn check_l2_bounds(&self, off: u64) -> Result<()> {
+        if off
+            .checked_add(self.img.cs())
+            .is_none_or(|e| e > self.img.len)
+        {
             return Err(self
                 .img
                 .corrupt(format!("L2 table at {off:#x} beyond end of file")));
         }
-        self.bytebuf.resize(cs as usize, 0);
+        Ok(())
+    }
+
+    /// The L2 table at `off`, as raw 64-bit words (read from the file the first time).
+    pub fn l2(&mut self, off: u64) -> Result<Rc<[u64]>> {
+        if let Some(t) = self.l2.get(&off) {
+            return Ok(Rc::clone(t));
+        }
+        self.check_l2_bounds(off)?;
+        let cs = self.img.cs();
+        let mut buf = vec![0u8; cs as usize];
         self.img
             .file
-            .read_exact_at(&mut self.bytebuf, off)
+            .read_exact_at(&mut buf, off)
             .map_err(io("read L2 table", &self.img.path))?;
-        let mut t = std::mem::take(&mut self.l2buf);
-        t.clear();
-        t.extend(
-            self.bytebuf
-                .chunks_exact(8)
-                .map(|c| crate::format::be64(c, 0)),
-        );
+        let t = Self::decode(&buf);
+        if self.l2_cached + cs as usize <= L2_CACHE_BYTES {
+            self.l2_cached += cs as usize;
+            self.l2.insert(off, Rc::clone(&t));
+        }
         Ok(t)
     }
 
-    pub fn put_l2(&mut self, t: Vec<u64>) {
-        self.l2buf = t;
+    /// Reads the L2 tables of these L1 tables into the cache, with one `pread` per run of
+    /// adjacent tables.
+    pub fn prefetch_l2(&mut self, l1s: &[&[u64]]) -> Result<()> {
+        let cs = self.img.cs();
+        let mut offs: Vec<u64> = l1s
+            .iter()
+            .flat_map(|l1| l1.iter().map(|e| e & OFFSET_MASK))
+            .filter(|&o| o != 0 && !self.l2.contains_key(&o))
+            .filter(|&o| o.checked_add(cs).is_some_and(|e| e <= self.img.len))
+            .collect();
+        offs.sort_unstable();
+        offs.dedup();
+        let max_run = (PREFETCH_BYTES as u64 / cs).max(1) as usize;
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < offs.len() {
+            if self.l2_cached + cs as usize > L2_CACHE_BYTES {
+                break;
+            }
+            let mut n = 1;
+            while i + n < offs.len()
+                && n < max_run
+                && offs[i + n] == offs[i] + n as u64 * cs
+                && self.l2_cached + (n + 1) * cs as usize <= L2_CACHE_BYTES
+            {
+                n += 1;
+            }
+            buf.resize(n * cs as usize, 0);
+            self.img
+                .file
+                .read_exact_at(&mut buf, offs[i])
+                .map_err(io("read L2 table", &self.img.path))?;
+            for (k, chunk) in buf.chunks_exact(cs as usize).enumerate() {
+                self.l2.insert(offs[i + k], Self::decode(chunk));
+            }
+            self.l2_cached += n * cs as usize;
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn corrupt_ref(&self, off: u64) -> Error {
+        self.img
+            .corrupt(format!("reference to {off:#x} beyond end of file"))
     }
 
     /// Adds or removes one path L1 entry → L2 table: the L2 table and every cluster it maps
     /// change refcount by `delta` (refcounts count paths, as QEMU does).
     pub fn add_l2_path(&mut self, l1_entry: u64, delta: i64) -> Result<()> {
-        let l2_off = l1_entry & crate::format::OFFSET_MASK;
+        let l2_off = l1_entry & OFFSET_MASK;
         if l2_off == 0 {
             return Ok(());
         }
         self.add(l2_off, delta)?;
-        let t = self.take_l2(l2_off)?;
+        let t = self.l2(l2_off)?;
         let stride = (self.img.header.l2_entry_bytes() / 8) as usize;
         let bits = self.img.header.cluster_bits;
-        let mut result = Ok(());
-        for e in t.iter().step_by(stride) {
-            result = match l2_ref(*e, bits) {
-                Err(w) => Err(self.img.corrupt(w)),
-                Ok(L2Ref::None) => Ok(()),
-                Ok(L2Ref::Standard(o)) => self.add(o, delta),
-                Ok(L2Ref::Compressed { start, end }) => self.add_range(start, end, delta),
-            };
-            if result.is_err() {
-                break;
+        let misaligned = (1u64 << bits) - 1;
+        let len = self.img.len;
+        for &e in t.iter().step_by(stride) {
+            if e & COMPRESSED != 0 {
+                match crate::format::l2_ref(e, bits) {
+                    Ok(crate::format::L2Ref::Compressed { start, end }) => {
+                        self.add_range(start, end, delta)?
+                    }
+                    Ok(_) => {}
+                    Err(w) => return Err(self.img.corrupt(w)),
+                }
+                continue;
             }
+            let o = e & OFFSET_MASK;
+            if o == 0 {
+                continue;
+            }
+            if o & misaligned != 0 {
+                return Err(self
+                    .img
+                    .corrupt(format!("L2 entry {e:#x} is not cluster aligned")));
+            }
+            if o >= len {
+                return Err(self.corrupt_ref(o));
+            }
+            // o < len, so the cluster is inside `new` (sized for the file at least).
+            let c = (o >> bits) as usize;
+            let Some(v) = self.new.get_mut(c) else {
+                return Err(self.corrupt_ref(o));
+            };
+            *v = v.checked_add_signed(delta).ok_or_else(|| {
+                self.img
+                    .corrupt(format!("refcount of cluster {o:#x} would drop below 0"))
+            })?;
         }
-        self.put_l2(t);
-        result
+        Ok(())
     }
 
     /// Writes fresh clusters (nothing the current header reaches). The failpoint `step`
-    /// fires before the first write of each group.
-    pub fn write(&mut self, off: u64, data: &[u8], step: &'static str) -> Result<()> {
+    /// fires before the first write of each group; the writes of a group that follow each
+    /// other in the file are merged and issued together.
+    pub fn write(&mut self, off: u64, data: Vec<u8>, step: &'static str) -> Result<()> {
         if step != self.last_step {
+            self.flush()?;
             failpoint(step)?;
             self.last_step = step;
         }
-        self.img
-            .file
-            .write_all_at(data, off)
-            .map_err(io("write new metadata", &self.img.path))
+        match &mut self.pending {
+            Some((o, buf)) if *o + buf.len() as u64 == off => {
+                buf.extend_from_slice(&data);
+                Ok(())
+            }
+            _ => {
+                self.flush()?;
+                self.pending = Some((off, data));
+                Ok(())
+            }
+        }
+    }
+
+    /// Issues the pending write, if any.
+    fn flush(&mut self) -> Result<()> {
+        match self.pending.take() {
+            Some((off, data)) => self
+                .img
+                .file
+                .write_all_at(&data, off)
+                .map_err(io("write new metadata", &self.img.path)),
+            None => Ok(()),
+        }
+    }
+
+    /// Big-endian bytes of `words`, padded to whole clusters.
+    pub fn cluster_bytes(&self, words: &[u64]) -> Vec<u8> {
+        let cs = self.img.cs();
+        let bytes = (words.len() as u64 * 8).max(1).div_ceil(cs) * cs;
+        let mut buf = Vec::with_capacity(bytes as usize);
+        for w in words {
+            buf.extend_from_slice(&w.to_be_bytes());
+        }
+        buf.resize(bytes as usize, 0);
+        buf
     }
 
     /// Writes a table of u64 into freshly allocated clusters; returns its offset.
     pub fn write_u64s(&mut self, words: &[u64], step: &'static str) -> Result<u64> {
-        let cs = self.img.cs();
-        let bytes = (words.len() as u64 * 8).max(1).div_ceil(cs) * cs;
-        let off = self.alloc((bytes / cs) as usize);
-        let mut buf = std::mem::take(&mut self.bytebuf);
-        buf.clear();
-        buf.resize(bytes as usize, 0);
-        for (chunk, w) in buf.chunks_exact_mut(8).zip(words) {
-            chunk.copy_from_slice(&w.to_be_bytes());
-        }
-        let r = self.write(off, &buf, step);
-        self.bytebuf = buf;
-        r.map(|()| off)
+        let buf = self.cluster_bytes(words);
+        let off = self.alloc(buf.len() / self.img.cs() as usize);
+        self.write(off, buf, step).map(|()| off)
     }
 
     /// Frees (refcount −1) the clusters of a table of `bytes` bytes at `off`.
@@ -483,15 +609,13 @@ impl<'a> Txn<'a> {
         header.autoclear &= crate::format::AUTOCLEAR_BITMAPS;
 
         let path = &img.path;
-        failpoint("disk::internal::write_refcounts")?;
-        for (off, data) in &rb_writes {
-            img.file
-                .write_all_at(data, *off)
-                .map_err(io("write refcount block", path))?;
+        // Refcount blocks and table usually follow each other: one write.
+        let step = "disk::internal::write_refcounts";
+        for (off, data) in rb_writes {
+            self.write(off, data, step)?;
         }
-        img.file
-            .write_all_at(&rt, rt_off)
-            .map_err(io("write refcount table", path))?;
+        self.write(rt_off, rt, step)?;
+        self.flush()?;
         // fdatasync also makes the new file size durable: all the file system metadata needed
         // to read the new clusters back.
         failpoint("disk::internal::sync_new")?;
