@@ -42,23 +42,21 @@ pub fn list(path: &Path) -> Result<Vec<Snapshot>> {
 /// A table whose flags must change is replaced, never edited: by `alt[i]` (an existing table
 /// the transaction also holds, such as the old active table of apply or the deleted
 /// snapshot's table) when that table already holds exactly the wanted entries, otherwise by a
-/// fresh copy. All fresh copies go into one run of clusters, written at once. Returns the new
-/// L1 table and whether it differs.
+/// fresh copy (copies are allocated one after the other, so that they are written together).
+/// Returns the new L1 table and whether it differs.
 fn normalize_active(txn: &mut Txn<'_>, l1: &[u64], alt: &[u64]) -> Result<(Vec<u64>, bool)> {
     let bits = txn.img.header.cluster_bits;
     let stride = (txn.img.header.l2_entry_bytes() / 8) as usize;
     let mut out = l1.to_vec();
-    let mut copies: Vec<usize> = Vec::new();
-    let mut fresh: Vec<u64> = Vec::new();
     let mut table: Vec<u64> = Vec::new();
-    for (i, slot) in out.iter_mut().enumerate() {
-        let l2_off = *slot & OFFSET_MASK;
+    let mut other_table: Vec<u64> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
+    for i in 0..l1.len() {
+        let l2_off = l1[i] & OFFSET_MASK;
         if l2_off == 0 {
             continue;
         }
-        let current = txn.l2(l2_off)?;
-        table.clear();
-        table.extend_from_slice(&current);
+        txn.l2_words(l1, i, &mut table)?;
         let mut changed = false;
         for e in table.iter_mut().step_by(stride) {
             match l2_ref(*e, bits) {
@@ -75,7 +73,7 @@ fn normalize_active(txn: &mut Txn<'_>, l1: &[u64], alt: &[u64]) -> Result<(Vec<u
                 Err(w) => return Err(txn.img.corrupt(w)),
             }
         }
-        *slot = l2_off;
+        out[i] = l2_off;
         if !changed {
             continue;
         }
@@ -83,22 +81,19 @@ fn normalize_active(txn: &mut Txn<'_>, l1: &[u64], alt: &[u64]) -> Result<(Vec<u
         // as the replacement maps the same clusters.
         txn.add(l2_off, -1)?;
         let other = alt.get(i).map_or(0, |e| e & OFFSET_MASK);
-        if other != 0 && other != l2_off && *txn.l2(other)? == *table {
-            txn.add(other, 1)?;
-            *slot = other;
-        } else {
-            copies.push(i);
-            fresh.extend_from_slice(&table);
+        if other != 0 && other != l2_off {
+            txn.read_l2_into(other, &mut bytes, &mut other_table)?;
+            if other_table == table {
+                txn.add(other, 1)?;
+                out[i] = other;
+                continue;
+            }
         }
-    }
-    if !copies.is_empty() {
-        let cs = txn.img.cs();
-        let buf = txn.cluster_bytes(&fresh);
-        let first = txn.alloc(copies.len());
-        txn.write(first, buf, "disk::internal::write_l2")?;
-        for (k, &i) in copies.iter().enumerate() {
-            out[i] = first + k as u64 * cs;
-        }
+        bytes.clear();
+        bytes.extend(table.iter().flat_map(|w| w.to_be_bytes()));
+        let off = txn.alloc(1);
+        txn.write(off, &bytes, "disk::internal::write_l2")?;
+        out[i] = off;
     }
     for slot in out.iter_mut() {
         let l2_off = *slot & OFFSET_MASK;
@@ -133,7 +128,7 @@ fn write_table(txn: &mut Txn<'_>, entries: &[Entry]) -> Result<(u64, u32)> {
     let off = txn.alloc(n as usize);
     let mut buf = bytes;
     buf.resize((n * cs) as usize, 0);
-    txn.write(off, buf, "disk::internal::write_table")?;
+    txn.write(off, &buf, "disk::internal::write_table")?;
     Ok((off, entries.len() as u32))
 }
 
@@ -156,10 +151,7 @@ pub fn create(path: &Path, name: &str) -> Result<Snapshot> {
     let l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;
     let mut txn = Txn::begin(&img)?;
     txn.keep_bitmaps = true;
-    txn.prefetch_l2(&[&l1])?;
-    for e in &l1 {
-        txn.add_l2_path(*e, 1)?;
-    }
+    txn.add_l2_paths(&l1, 1)?;
     let snap_l1: Vec<u64> = l1.iter().map(|e| e & OFFSET_MASK).collect();
     let (active, _) = normalize_active(&mut txn, &l1, &[])?;
     let snap_l1_off = txn.write_u64s(&snap_l1, "disk::internal::write_l1")?;
@@ -220,13 +212,8 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
     }
     snap_l1.resize(l1_len as usize, 0);
     let mut txn = Txn::begin(&img)?;
-    txn.prefetch_l2(&[&snap_l1, &old_l1])?;
-    for e in &snap_l1 {
-        txn.add_l2_path(*e, 1)?;
-    }
-    for e in &old_l1 {
-        txn.add_l2_path(*e, -1)?;
-    }
+    txn.add_l2_paths(&snap_l1, 1)?;
+    txn.add_l2_paths(&old_l1, -1)?;
     let base: Vec<u64> = snap_l1.iter().map(|e| e & OFFSET_MASK).collect();
     // Where the old active table maps what the snapshot's does, with the right flags, the
     // active L1 table keeps it (typically all tables the guest has not written since).
@@ -250,10 +237,7 @@ pub fn delete(path: &Path, name: &str) -> Result<()> {
     let snap_l1 = img.read_l1(snap.l1_table_offset, snap.l1_size)?;
     let mut txn = Txn::begin(&img)?;
     txn.keep_bitmaps = true;
-    txn.prefetch_l2(&[&l1, &snap_l1])?;
-    for e in &snap_l1 {
-        txn.add_l2_path(*e, -1)?;
-    }
+    txn.add_l2_paths(&snap_l1, -1)?;
     txn.free_table(snap.l1_table_offset, u64::from(snap.l1_size) * 8)?;
     // Where the deleted snapshot's table maps what the active one does, with the flags the
     // active one needs now, the active L1 table takes it over instead of a fresh copy.

@@ -26,11 +26,10 @@
 use crate::error::{io, Error, Result};
 use crate::format::{Header, COMPRESSED, MAX_SNAPSHOT_TABLE_BYTES, OFFSET_MASK};
 use crate::table;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 /// An image file opened for metadata work.
 #[derive(Debug)]
@@ -215,11 +214,12 @@ pub fn set_refcount(block: &mut [u8], j: usize, bits: u32, v: u64) {
     }
 }
 
-/// Memory for L2 tables kept by a [`Txn`] (1/8192 of the allocated guest data with 64 KiB
-/// clusters: 256 MiB covers 2 TiB).
-const L2_CACHE_BYTES: usize = 256 << 20;
-/// Largest single read of adjacent L2 tables.
-const PREFETCH_BYTES: usize = 8 << 20;
+/// Largest single read of L2 tables that follow each other in the file and in the L1 table.
+/// Buffers are reused rather than tables kept: touching fresh memory costs more than reading
+/// a table from the page cache twice.
+const L2_RUN_BYTES: u64 = 4 << 20;
+/// Largest merged write.
+const PENDING_BYTES: usize = 4 << 20;
 
 /// A metadata change in progress: see the module documentation.
 #[derive(Debug)]
@@ -231,13 +231,14 @@ pub struct Txn<'a> {
     /// Failpoint group of the last write (a failpoint fires when the group changes).
     last_step: &'static str,
     cursor: usize,
-    /// L2 tables read so far, by offset: each table is read from the file once (up to
-    /// [`L2_CACHE_BYTES`]; beyond that, tables are read again when needed).
-    l2: HashMap<u64, Rc<[u64]>>,
-    l2_cached: usize,
-    /// Fresh-cluster data not yet written: consecutive writes of one group are merged into one
-    /// `pwrite`, issued before the next group's failpoint (or before the refcounts).
-    pending: Option<(u64, Vec<u8>)>,
+    /// L2 tables being read, in L1 order (see [`Txn::load_l2`]).
+    l2buf: Vec<u8>,
+    l2buf_off: u64,
+    /// Fresh-cluster data not yet written: consecutive writes of one group are merged into
+    /// one `pwrite`, issued when the next write does not follow, when [`PENDING_BYTES`] are
+    /// reached, or before the next group's failpoint.
+    pending: Vec<u8>,
+    pending_off: u64,
     /// Whether persistent bitmaps stay valid (the change leaves guest content alone).
     pub keep_bitmaps: bool,
 }
@@ -253,9 +254,10 @@ impl<'a> Txn<'a> {
             new,
             last_step: "",
             cursor: 1,
-            l2: HashMap::new(),
-            l2_cached: 0,
-            pending: None,
+            l2buf: Vec::new(),
+            l2buf_off: 0,
+            pending: Vec::new(),
+            pending_off: 0,
             keep_bitmaps: false,
         })
     }
@@ -325,13 +327,6 @@ impl<'a> Txn<'a> {
             .unwrap_or(0)
     }
 
-    fn decode(bytes: &[u8]) -> Rc<[u64]> {
-        bytes
-            .chunks_exact(8)
-            .map(|c| crate::format::be64(c, 0))
-            .collect()
-    }
-
     fn check_l2_bounds(&self, off: u64) -> Result<()> {
         if off
             .checked_add(self.img.cs())
@@ -344,117 +339,119 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// The L2 table at `off`, as raw 64-bit words (read from the file the first time).
-    pub fn l2(&mut self, off: u64) -> Result<Rc<[u64]>> {
-        if let Some(t) = self.l2.get(&off) {
-            return Ok(Rc::clone(t));
-        }
-        self.check_l2_bounds(off)?;
+    /// Makes the L2 table of `l1[i]` (non-zero) available in the read buffer and returns its
+    /// position there. When the buffer does not hold it, reads it together with the tables of
+    /// the following L1 entries that follow it in the file (one `pread` for a run of tables
+    /// written together).
+    pub fn load_l2(&mut self, l1: &[u64], i: usize) -> Result<usize> {
         let cs = self.img.cs();
-        let mut buf = vec![0u8; cs as usize];
-        self.img
-            .file
-            .read_exact_at(&mut buf, off)
-            .map_err(io("read L2 table", &self.img.path))?;
-        let t = Self::decode(&buf);
-        if self.l2_cached + cs as usize <= L2_CACHE_BYTES {
-            self.l2_cached += cs as usize;
-            self.l2.insert(off, Rc::clone(&t));
+        let off = l1.get(i).map_or(0, |e| e & OFFSET_MASK);
+        self.check_l2_bounds(off)?;
+        let have = self.l2buf.len() as u64;
+        if off >= self.l2buf_off && off + cs <= self.l2buf_off + have {
+            return Ok((off - self.l2buf_off) as usize);
         }
-        Ok(t)
+        let mut n = 1u64;
+        while n * cs < L2_RUN_BYTES
+            && l1
+                .get(i + n as usize)
+                .is_some_and(|e| e & OFFSET_MASK == off + n * cs)
+            && off + (n + 1) * cs <= self.img.len
+        {
+            n += 1;
+        }
+        self.l2buf.resize((n * cs) as usize, 0);
+        self.l2buf_off = off;
+        if let Err(e) = self.img.file.read_exact_at(&mut self.l2buf, off) {
+            self.l2buf.clear();
+            return Err(io("read L2 table", &self.img.path)(e));
+        }
+        Ok(0)
     }
 
-    /// Reads the L2 tables of these L1 tables into the cache, with one `pread` per run of
-    /// adjacent tables.
-    pub fn prefetch_l2(&mut self, l1s: &[&[u64]]) -> Result<()> {
-        let cs = self.img.cs();
-        let mut offs: Vec<u64> = l1s
-            .iter()
-            .flat_map(|l1| l1.iter().map(|e| e & OFFSET_MASK))
-            .filter(|&o| o != 0 && !self.l2.contains_key(&o))
-            .filter(|&o| o.checked_add(cs).is_some_and(|e| e <= self.img.len))
-            .collect();
-        offs.sort_unstable();
-        offs.dedup();
-        let max_run = (PREFETCH_BYTES as u64 / cs).max(1) as usize;
-        let mut buf = Vec::new();
-        let mut i = 0;
-        while i < offs.len() {
-            if self.l2_cached + cs as usize > L2_CACHE_BYTES {
-                break;
-            }
-            let mut n = 1;
-            while i + n < offs.len()
-                && n < max_run
-                && offs[i + n] == offs[i] + n as u64 * cs
-                && self.l2_cached + (n + 1) * cs as usize <= L2_CACHE_BYTES
-            {
-                n += 1;
-            }
-            buf.resize(n * cs as usize, 0);
-            self.img
-                .file
-                .read_exact_at(&mut buf, offs[i])
-                .map_err(io("read L2 table", &self.img.path))?;
-            for (k, chunk) in buf.chunks_exact(cs as usize).enumerate() {
-                self.l2.insert(offs[i + k], Self::decode(chunk));
-            }
-            self.l2_cached += n * cs as usize;
-            i += n;
+    /// Reads the L2 table at `off` into `out` as raw 64-bit words.
+    pub fn read_l2_into(&self, off: u64, bytes: &mut Vec<u8>, out: &mut Vec<u64>) -> Result<()> {
+        self.check_l2_bounds(off)?;
+        bytes.resize(self.img.cs() as usize, 0);
+        self.img
+            .file
+            .read_exact_at(bytes, off)
+            .map_err(io("read L2 table", &self.img.path))?;
+        out.clear();
+        out.extend(bytes.chunks_exact(8).map(|c| crate::format::be64(c, 0)));
+        Ok(())
+    }
+
+    /// The L2 table of `l1[i]` (non-zero) as raw 64-bit words, in `out`.
+    pub fn l2_words(&mut self, l1: &[u64], i: usize, out: &mut Vec<u64>) -> Result<()> {
+        let at = self.load_l2(l1, i)?;
+        let cs = self.img.cs() as usize;
+        out.clear();
+        out.extend(
+            self.l2buf[at..at + cs]
+                .chunks_exact(8)
+                .map(|c| crate::format::be64(c, 0)),
+        );
+        Ok(())
+    }
+
+    /// Adds or removes the paths of every entry of `l1`: see [`Txn::add_l2_path`].
+    pub fn add_l2_paths(&mut self, l1: &[u64], delta: i64) -> Result<()> {
+        for i in 0..l1.len() {
+            self.add_l2_path(l1, i, delta)?;
         }
         Ok(())
     }
 
-    fn corrupt_ref(&self, off: u64) -> Error {
-        self.img
-            .corrupt(format!("reference to {off:#x} beyond end of file"))
-    }
-
-    /// Adds or removes one path L1 entry → L2 table: the L2 table and every cluster it maps
-    /// change refcount by `delta` (refcounts count paths, as QEMU does).
-    pub fn add_l2_path(&mut self, l1_entry: u64, delta: i64) -> Result<()> {
-        let l2_off = l1_entry & OFFSET_MASK;
+    /// Adds or removes one path L1 entry `l1[i]` → L2 table: the L2 table and every cluster
+    /// it maps change refcount by `delta` (refcounts count paths, as QEMU does).
+    pub fn add_l2_path(&mut self, l1: &[u64], i: usize, delta: i64) -> Result<()> {
+        let l2_off = l1.get(i).map_or(0, |e| e & OFFSET_MASK);
         if l2_off == 0 {
             return Ok(());
         }
         self.add(l2_off, delta)?;
-        let t = self.l2(l2_off)?;
-        let stride = (self.img.header.l2_entry_bytes() / 8) as usize;
+        let at = self.load_l2(l1, i)?;
+        let cs = self.img.cs() as usize;
+        let step = self.img.header.l2_entry_bytes() as usize;
         let bits = self.img.header.cluster_bits;
         let misaligned = (1u64 << bits) - 1;
-        let len = self.img.len;
-        for &e in t.iter().step_by(stride) {
-            if e & COMPRESSED != 0 {
+        let img = self.img;
+        let corrupt_ref = |o: u64| img.corrupt(format!("reference to {o:#x} beyond end of file"));
+        let new = &mut self.new;
+        for w in self.l2buf[at..at + cs].chunks_exact(step) {
+            let e = crate::format::be64(w, 0);
+            let (start, end) = if e & COMPRESSED != 0 {
                 match crate::format::l2_ref(e, bits) {
-                    Ok(crate::format::L2Ref::Compressed { start, end }) => {
-                        self.add_range(start, end, delta)?
-                    }
-                    Ok(_) => {}
-                    Err(w) => return Err(self.img.corrupt(w)),
+                    Ok(crate::format::L2Ref::Compressed { start, end }) => (start, end),
+                    Ok(_) => continue,
+                    Err(w) => return Err(img.corrupt(w)),
                 }
-                continue;
-            }
-            let o = e & OFFSET_MASK;
-            if o == 0 {
-                continue;
-            }
-            if o & misaligned != 0 {
-                return Err(self
-                    .img
-                    .corrupt(format!("L2 entry {e:#x} is not cluster aligned")));
-            }
-            if o >= len {
-                return Err(self.corrupt_ref(o));
-            }
-            // o < len, so the cluster is inside `new` (sized for the file at least).
-            let c = (o >> bits) as usize;
-            let Some(v) = self.new.get_mut(c) else {
-                return Err(self.corrupt_ref(o));
+            } else {
+                let o = e & OFFSET_MASK;
+                if o == 0 {
+                    continue;
+                }
+                if o & misaligned != 0 {
+                    return Err(img.corrupt(format!("L2 entry {e:#x} is not cluster aligned")));
+                }
+                (o, o + 1)
             };
-            *v = v.checked_add_signed(delta).ok_or_else(|| {
-                self.img
-                    .corrupt(format!("refcount of cluster {o:#x} would drop below 0"))
-            })?;
+            // Every cluster overlapping start..end.
+            let mut c = start >> bits;
+            while c << bits < end {
+                let o = c << bits;
+                if o >= img.len {
+                    return Err(corrupt_ref(o));
+                }
+                let Some(v) = new.get_mut(c as usize) else {
+                    return Err(corrupt_ref(o));
+                };
+                *v = v.checked_add_signed(delta).ok_or_else(|| {
+                    img.corrupt(format!("refcount of cluster {o:#x} would drop below 0"))
+                })?;
+                c += 1;
+            }
         }
         Ok(())
     }
@@ -462,35 +459,37 @@ impl<'a> Txn<'a> {
     /// Writes fresh clusters (nothing the current header reaches). The failpoint `step`
     /// fires before the first write of each group; the writes of a group that follow each
     /// other in the file are merged and issued together.
-    pub fn write(&mut self, off: u64, data: Vec<u8>, step: &'static str) -> Result<()> {
+    pub fn write(&mut self, off: u64, data: &[u8], step: &'static str) -> Result<()> {
         if step != self.last_step {
             self.flush()?;
             failpoint(step)?;
             self.last_step = step;
         }
-        match &mut self.pending {
-            Some((o, buf)) if *o + buf.len() as u64 == off => {
-                buf.extend_from_slice(&data);
-                Ok(())
-            }
-            _ => {
-                self.flush()?;
-                self.pending = Some((off, data));
-                Ok(())
-            }
+        if !self.pending.is_empty()
+            && (self.pending_off + self.pending.len() as u64 != off
+                || self.pending.len() + data.len() > PENDING_BYTES)
+        {
+            self.flush()?;
         }
+        if self.pending.is_empty() {
+            self.pending_off = off;
+        }
+        self.pending.extend_from_slice(data);
+        Ok(())
     }
 
-    /// Issues the pending write, if any.
+    /// Issues the pending write, if any (its buffer is kept for reuse).
     fn flush(&mut self) -> Result<()> {
-        match self.pending.take() {
-            Some((off, data)) => self
-                .img
-                .file
-                .write_all_at(&data, off)
-                .map_err(io("write new metadata", &self.img.path)),
-            None => Ok(()),
+        if self.pending.is_empty() {
+            return Ok(());
         }
+        let r = self
+            .img
+            .file
+            .write_all_at(&self.pending, self.pending_off)
+            .map_err(io("write new metadata", &self.img.path));
+        self.pending.clear();
+        r
     }
 
     /// Big-endian bytes of `words`, padded to whole clusters.
@@ -509,7 +508,7 @@ impl<'a> Txn<'a> {
     pub fn write_u64s(&mut self, words: &[u64], step: &'static str) -> Result<u64> {
         let buf = self.cluster_bytes(words);
         let off = self.alloc(buf.len() / self.img.cs() as usize);
-        self.write(off, buf, step).map(|()| off)
+        self.write(off, &buf, step).map(|()| off)
     }
 
     /// Frees (refcount −1) the clusters of a table of `bytes` bytes at `off`.
@@ -611,10 +610,10 @@ impl<'a> Txn<'a> {
         let path = &img.path;
         // Refcount blocks and table usually follow each other: one write.
         let step = "disk::internal::write_refcounts";
-        for (off, data) in rb_writes {
-            self.write(off, data, step)?;
+        for (off, data) in &rb_writes {
+            self.write(*off, data, step)?;
         }
-        self.write(rt_off, rt, step)?;
+        self.write(rt_off, &rt, step)?;
         self.flush()?;
         // fdatasync also makes the new file size durable: all the file system metadata needed
         // to read the new clusters back.
