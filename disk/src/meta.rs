@@ -217,9 +217,9 @@ pub fn set_refcount(block: &mut [u8], j: usize, bits: u32, v: u64) {
 /// Largest single read of L2 tables that follow each other in the file and in the L1 table.
 /// Buffers are reused rather than tables kept: touching fresh memory costs more than reading
 /// a table from the page cache twice.
-const L2_RUN_BYTES: u64 = 4 << 20;
+const L2_RUN_BYTES: u64 = 1 << 20;
 /// Largest merged write.
-const PENDING_BYTES: usize = 4 << 20;
+const PENDING_BYTES: usize = 1 << 20;
 
 /// A metadata change in progress: see the module documentation.
 #[derive(Debug)]
