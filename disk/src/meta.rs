@@ -221,6 +221,36 @@ const L2_RUN_BYTES: u64 = 1 << 20;
 /// Largest merged write.
 const PENDING_BYTES: usize = 1 << 20;
 
+/// Most holes of the file that [`file_holes`] lists.
+const MAX_HOLES: usize = 4096;
+
+/// The holes of the image file as cluster ranges (a cluster partly in a hole counts), for
+/// allocation to avoid. Best effort: an error or too many holes end the list early.
+fn file_holes(img: &Image) -> Vec<(usize, usize)> {
+    use nix::unistd::{lseek, Whence};
+    let cs = img.cs() as i64;
+    let end = img.len as i64;
+    let mut holes = Vec::new();
+    let mut at = 0i64;
+    while at < end && holes.len() < MAX_HOLES {
+        let Ok(h) = lseek(&img.file, at, Whence::SeekHole) else {
+            break;
+        };
+        if h >= end {
+            break;
+        }
+        let d = lseek(&img.file, h, Whence::SeekData)
+            .unwrap_or(end)
+            .min(end);
+        if d <= h {
+            break;
+        }
+        holes.push(((h / cs) as usize, (d + cs - 1).div_euclid(cs) as usize));
+        at = d;
+    }
+    holes
+}
+
 /// A metadata change in progress: see the module documentation.
 #[derive(Debug)]
 pub struct Txn<'a> {
@@ -231,6 +261,8 @@ pub struct Txn<'a> {
     /// Failpoint group of the last write (a failpoint fires when the group changes).
     last_step: &'static str,
     cursor: usize,
+    /// Cluster ranges (sorted) that are holes in the file, as far as known.
+    holes: Vec<(usize, usize)>,
     /// L2 tables being read, in L1 order (see [`Txn::load_l2`]).
     l2buf: Vec<u8>,
     l2buf_off: u64,
@@ -252,6 +284,7 @@ impl<'a> Txn<'a> {
             old,
             old_blocks,
             new,
+            holes: file_holes(img),
             last_step: "",
             cursor: 1,
             l2buf: Vec::new(),
@@ -268,18 +301,34 @@ impl<'a> Txn<'a> {
             && self.new.get(c).copied().unwrap_or(0) == 0
     }
 
-    /// Allocates `n` contiguous fresh clusters (refcount 0 before and after) and gives them
-    /// refcount 1. Returns the byte offset.
-    pub fn alloc(&mut self, n: usize) -> u64 {
+    fn in_hole(&self, c: usize) -> bool {
+        let i = self.holes.partition_point(|h| h.1 <= c);
+        self.holes.get(i).is_some_and(|h| h.0 <= c)
+    }
+
+    /// First run of `n` fresh clusters from the cursor on, optionally outside holes.
+    fn first_fit(&self, n: usize, avoid_holes: bool) -> usize {
         let mut c = self.cursor.max(1);
         'outer: loop {
             for k in 0..n {
-                if !self.is_free(c + k) {
+                if !self.is_free(c + k) || (avoid_holes && self.in_hole(c + k)) {
                     c += k + 1;
                     continue 'outer;
                 }
             }
-            break;
+            return c;
+        }
+    }
+
+    /// Allocates `n` contiguous fresh clusters (refcount 0 before and after) and gives them
+    /// refcount 1. Returns the byte offset. Prefers clusters the file system already backs
+    /// with blocks (writing into a hole or past the end makes the `fdatasync` allocate and
+    /// journal), then the first fit.
+    pub fn alloc(&mut self, n: usize) -> u64 {
+        let cs = self.img.cs();
+        let mut c = self.first_fit(n, true);
+        if (c + n) as u64 * cs > self.img.len {
+            c = self.first_fit(n, false);
         }
         if self.new.len() < c + n {
             self.new.resize(c + n, 0);
@@ -288,7 +337,7 @@ impl<'a> Txn<'a> {
             self.new[c + k] = 1;
         }
         self.cursor = c + n;
-        c as u64 * self.img.cs()
+        c as u64 * cs
     }
 
     /// Adds `delta` to the refcount of the cluster holding byte `off`.
