@@ -41,6 +41,12 @@ const CRASH_CHECKS: &[&str] = &[
     "domain runs again after recovery",
     "catalog matches the qcow2 snapshot table after the crash",
     "no MISMATCH after the crash",
+    "crash window reached (revert: domain destroyed)",
+    "recover after kill -9 in revert",
+    "recovery restored the domain from k2 (roll forward)",
+    "domU continues from k2's counter after the revert crash",
+    "no MISMATCH after the revert crash",
+    "catalog matches the qcow2 snapshot table after the revert crash",
 ];
 const LIMIT: Duration = Duration::from_secs(20 * 60);
 

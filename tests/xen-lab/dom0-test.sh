@@ -10,6 +10,7 @@ exec > /mnt/results.txt 2>&1
 S=/var/lib/domsnap; IMG=/var/lib/images/domd.qcow2; CFG=/root/domd.cfg
 GL=/var/log/xen/console/guest-domd.log
 FP=${FP:-engine::create::after-save-memory}   # failpoint between xl save -p and the disk snapshots
+RFP=${RFP:-engine::revert::after-stop-domain}  # failpoint after xl destroy, before the disks are reverted
 t() { echo "T+$(cut -d' ' -f1 /proc/uptime)s: $*"; }
 check() { if [ "$2" = 0 ]; then echo "CHECK $1: PASS"; else echo "CHECK $1: FAIL"; fi; }
 D() { t "domsnap $*"; domsnap --host xen --state $S "$@"; local rc=$?; echo "[rc=$rc]"; return $rc; }
@@ -107,7 +108,30 @@ check "domain runs again after recovery" $(running; echo $?)
 echo "catalog tags: [$(cattags)] qcow2 table: [$(tags)]"
 check "catalog matches the qcow2 snapshot table after the crash" $([ "$(cattags)" = "$(tags)" ]; echo $?)
 check "no MISMATCH after the crash" $(mism)
-D --json history > /tmp/history.json; tail -c 1500 /tmp/history.json; echo
+
+t "=== crash: kill -9 of a revert after xl destroy; recovery rolls forward"
+B=$(lastcnt); D create domd k2; A=$(lastcnt); echo "counter before/after create k2: $B/$A"
+waitticks 3 90; TB=$(lasttick); : > $GL
+FAILPOINTS="$RFP=sleep(60000)" domsnap --host xen --state $S revert domd k2 > /tmp/k2.out 2>&1 &
+P=$!; hit=1
+for i in $(seq 1 1200); do
+  if [ -z "$(xlstate)" ] && ! ps | grep -v grep | grep -q xen-qemu-system; then sleep 2
+    [ -z "$(xlstate)" ] && kill -0 $P 2>/dev/null && { hit=0; break; }; fi
+  kill -0 $P 2>/dev/null || break
+  sleep 0.3
+done
+t "killing domsnap (pid $P); domain: '$(xlstate)'"; kill -9 $P; wait $P 2>/dev/null; cat /tmp/k2.out
+check "crash window reached (revert: domain destroyed)" $hit
+D recover; R=$?
+check "recover after kill -9 in revert" $(( R != 0 ))
+waitticks 3 120; t "after recovery"; tail -2 $GL
+F=$(firstread $TB); echo "first read after the rolled-forward revert: $F (k2 between $B and $A)"
+check "recovery restored the domain from k2 (roll forward)" $(running; echo $?)
+check "domU continues from k2's counter after the revert crash" $(( ${F:-999999} < B || ${F:-999999} > A + 1 ))
+check "no MISMATCH after the revert crash" $(mism)
+echo "catalog tags: [$(cattags)] qcow2 table: [$(tags)]"
+check "catalog matches the qcow2 snapshot table after the revert crash" $([ "$(cattags)" = "$(tags)" ]; echo $?)
+D --json history > /tmp/history.json; tail -c 2500 /tmp/history.json; echo
 fi
 t end
 grep CHECK /mnt/results.txt
