@@ -98,7 +98,7 @@ fn xen_lab() {
             break status;
         }
         if start.elapsed() > LIMIT {
-            // the whole process group: run.sh, QEMU, the helpers
+            // the whole process group: run.sh and QEMU
             let _ = Command::new("kill")
                 .args(["-9", &format!("-{}", child.id())])
                 .status();
