@@ -2,15 +2,20 @@
 //!
 //! # How a change is made crash-safe
 //!
-//! A [`Txn`] starts from the on-disk refcounts (`old`) and keeps the refcounts the image will
-//! have after the change (`new`). Everything the change writes (L2 table copies, L1 tables,
-//! the snapshot table, and a complete new refcount table with new refcount blocks) goes into
-//! *fresh* clusters: clusters whose refcount is 0 both before and after, so no structure the
-//! current header reaches is ever overwritten. The steps are:
+//! A [`Txn`] starts from the on-disk refcounts (remembering which clusters were free,
+//! `was_free`) and keeps the refcounts the image will have after the change (`new`).
+//! Everything the change writes (L2 table copies, L1 tables, the snapshot table, and a
+//! complete new refcount table with new refcount blocks) goes into *fresh* clusters:
+//! clusters whose refcount is 0 both before and after, so no structure the current header
+//! reaches is ever overwritten. Where the active L1 table needs an L2 table with other
+//! COPIED flags, it may instead point to an existing table that already holds exactly those
+//! entries (apply: the old active table; delete: the deleted snapshot's table); that table
+//! is not written either, and only refcounts (themselves written fresh) change. The steps
+//! are:
 //!
-//! 1. write the fresh clusters as the change is computed (`disk::internal::write_l2`,
-//!    `write_l1`, `write_table` failpoints precede each group), then the refcount blocks and
-//!    table (`write_refcounts`);
+//! 1. write the fresh clusters as the change is computed, adjacent writes of a group merged
+//!    (`disk::internal::write_l2`, `write_l1`, `write_table` failpoints precede each
+//!    group), then the refcount blocks and table (`write_refcounts`);
 //! 2. `fdatasync` (`disk::internal::sync_new`);
 //! 3. write header bytes 24..96 — L1 table, refcount table, snapshot table, size and feature
 //!    fields — in one write inside the first sector (`disk::internal::write_header`): the
@@ -217,9 +222,9 @@ pub fn set_refcount(block: &mut [u8], j: usize, bits: u32, v: u64) {
 /// Largest single read of L2 tables that follow each other in the file and in the L1 table.
 /// Buffers are reused rather than tables kept: touching fresh memory costs more than reading
 /// a table from the page cache twice.
-const L2_RUN_BYTES: u64 = 1 << 20;
+const L2_RUN_BYTES: u64 = 256 << 10;
 /// Largest merged write.
-const PENDING_BYTES: usize = 1 << 20;
+const PENDING_BYTES: usize = 256 << 10;
 
 /// Most holes of the file that [`file_holes`] lists.
 const MAX_HOLES: usize = 4096;
@@ -255,7 +260,9 @@ fn file_holes(img: &Image) -> Vec<(usize, usize)> {
 #[derive(Debug)]
 pub struct Txn<'a> {
     pub img: &'a Image,
-    old: Vec<u64>,
+    /// Whether each cluster had refcount 0 before the change (one byte per cluster rather
+    /// than a copy of the refcounts: less memory to touch).
+    was_free: Vec<bool>,
     old_blocks: Vec<u64>,
     pub new: Vec<u64>,
     /// Failpoint group of the last write (a failpoint fires when the group changes).
@@ -277,11 +284,11 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn begin(img: &'a Image) -> Result<Txn<'a>> {
-        let (old, old_blocks) = img.read_refcounts()?;
-        let new = old.clone();
+        let (new, old_blocks) = img.read_refcounts()?;
+        let was_free = new.iter().map(|v| *v == 0).collect();
         Ok(Txn {
             img,
-            old,
+            was_free,
             old_blocks,
             new,
             holes: file_holes(img),
@@ -297,7 +304,7 @@ impl<'a> Txn<'a> {
 
     fn is_free(&self, c: usize) -> bool {
         c > 0
-            && self.old.get(c).copied().unwrap_or(0) == 0
+            && self.was_free.get(c).copied().unwrap_or(true)
             && self.new.get(c).copied().unwrap_or(0) == 0
     }
 
