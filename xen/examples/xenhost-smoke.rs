@@ -39,6 +39,9 @@ impl<W: Write> Write for FailAfter<W> {
     }
 }
 
+/// One check of the Host contract.
+type Check = fn(&dyn Host, &str);
+
 fn run(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
     let arg = |i: usize| -> Result<&str, Box<dyn std::error::Error>> {
         args.get(i)
@@ -86,7 +89,7 @@ fn run(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
         "apply" => format!("{:?}", host.apply_disk_snapshot(dom()?, arg(3)?, arg(4)?)?),
         "contract" => {
             use xen::contract as c;
-            let checks: [(&str, fn(&dyn Host, &str)); 8] = [
+            let checks: [(&str, Check); 8] = [
                 ("lookup", c::lookup),
                 ("lifecycle", c::lifecycle),
                 ("start_refused_while_active", c::start_refused_while_active),
