@@ -434,11 +434,12 @@ impl DeviceModel {
         }
         slot.close(target)?;
         let switched = (|| -> GuestResult<disk::DataImage> {
-            super::prepare_overlay(&self.dir, &slot.path, overlay).map_err(|e| chain(&e))?;
+            super::images::prepare_overlay(&self.dir, &slot.path, overlay)
+                .map_err(|e| chain(&e))?;
             let image = disk::DataImage::open(&new_path)
                 .map_err(|e| format!("open {}: {}", new_path.display(), chain(&e)))?;
             // The switch is durable before the guest writes to the overlay.
-            super::set_disk_image(&self.dir, target, overlay).map_err(|e| chain(&e))?;
+            super::images::set_disk_image(&self.dir, target, overlay).map_err(|e| chain(&e))?;
             Ok(image)
         })();
         match switched {
