@@ -350,6 +350,7 @@ impl Host for XenHost {
         if a.info.paused() {
             self.unpause_fully(name, a.domid)?;
         }
+        self.tools.wait_guest_can_suspend(a.domid);
         let scratch = ScratchFiles::new_in(&self.tmp)?;
         let pipe = scratch.dir.join("memory");
         fifo::make(&pipe).map_err(Error::io("mkfifo", &pipe))?;

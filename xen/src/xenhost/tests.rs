@@ -96,6 +96,14 @@ impl Lab {
         fs::write(&xl, FAKE_XL.replace("__DIR__", &dir.to_string_lossy())).expect("write xl");
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&xl, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let xsr = dir.join("xenstore-read");
+        let script = format!(
+            "#!/bin/sh\necho \"$1\" >> {d}/xs.log\ntest -e {d}/ready\n",
+            d = dir.display()
+        );
+        fs::write(&xsr, script).expect("write xenstore-read");
+        fs::set_permissions(&xsr, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::write(dir.join("ready"), "").expect("ready");
         for id in [5, 6, 7] {
             fs::write(dir.join(format!("list-{id}.json")), list_json(id)).expect("list");
         }
@@ -110,6 +118,8 @@ impl Lab {
             qmp_dir: dir.join("run"),
             proc_dir: dir.join("proc"),
             dm_exit: Duration::from_secs(5),
+            xenstore_read: dir.join("xenstore-read"),
+            guest_ready: Duration::from_secs(2),
         };
         let host = XenHost::open_with(&dir.join("state"), tools).expect("open");
         Lab {
@@ -217,6 +227,8 @@ fn open_fails_off_xen() {
         qmp_dir: tmp.path().into(),
         proc_dir: tmp.path().into(),
         dm_exit: Duration::from_secs(1),
+        xenstore_read: PathBuf::from("/nonexistent/xenstore-read"),
+        guest_ready: Duration::from_secs(1),
     };
     let err = XenHost::open_with(tmp.path(), tools).expect_err("must fail");
     fake::fail_open(false);
@@ -610,4 +622,27 @@ fn disks_of_a_shut_off_domain_go_to_the_image() {
         .disk_snapshots("domd", "xvda")
         .expect("list")
         .is_empty());
+}
+
+#[test]
+fn save_waits_for_a_booting_guest() {
+    let lab = Lab::new();
+    lab.mem(1000);
+    fs::remove_file(lab.dir.join("ready")).expect("rm");
+    let ready = lab.dir.join("ready");
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        fs::write(ready, "").expect("ready");
+    });
+    let start = Instant::now();
+    lab.host.save_memory("domd", &mut Vec::new()).expect("save");
+    assert!(start.elapsed() >= Duration::from_millis(600));
+    t.join().expect("join");
+    assert!(lab
+        .read("xs.log")
+        .contains("/local/domain/5/control/feature-suspend"));
+    // a guest that never says so: save is tried after guest_ready anyway
+    fs::remove_file(lab.dir.join("ready")).expect("rm");
+    fake::set_domain(5, 0, 0);
+    lab.host.save_memory("domd", &mut Vec::new()).expect("save");
 }

@@ -21,6 +21,11 @@ pub(crate) struct Tools {
     pub proc_dir: PathBuf,
     /// How long a device model may take to exit after its domain is destroyed.
     pub dm_exit: Duration,
+    /// The `xenstore-read` program.
+    pub xenstore_read: PathBuf,
+    /// How long to wait for a guest to announce it can suspend (see
+    /// [`Tools::wait_guest_can_suspend`]).
+    pub guest_ready: Duration,
 }
 
 impl Tools {
@@ -32,6 +37,8 @@ impl Tools {
             qmp_dir: PathBuf::from("/run/xen"),
             proc_dir: PathBuf::from("/proc"),
             dm_exit: Duration::from_secs(30),
+            xenstore_read: PathBuf::from("xenstore-read"),
+            guest_ready: Duration::from_secs(60),
         }
     }
 
@@ -79,6 +86,30 @@ impl Tools {
             .stderr(stderr)
             .spawn()
             .map_err(Error::io("run", &self.xl))
+    }
+
+    /// Waits (at most `guest_ready`) until the guest of `domid` has written
+    /// `control/feature-suspend` to xenstore, as Linux does once its Xen drivers are up. A
+    /// guest saved before that cannot answer the suspend request (`xl save` fails with "Bad
+    /// mfn 0 for p2m frame list" right after boot). Returns whether it did; guests that never
+    /// write the node cost one wait.
+    pub fn wait_guest_can_suspend(&self, domid: u32) -> bool {
+        let key = format!("/local/domain/{domid}/control/feature-suspend");
+        let start = Instant::now();
+        loop {
+            let found = Command::new(&self.xenstore_read)
+                .arg(&key)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            match found {
+                Ok(s) if s.success() => return true,
+                Err(_) => return false, // no xenstore-read here: let xl try
+                Ok(_) if start.elapsed() > self.guest_ready => return false,
+                Ok(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
     }
 
     /// Pids of the device model processes (`... -xen-domid DOMID ...`) of domain `domid`.
