@@ -98,7 +98,7 @@ impl Lab {
         fs::set_permissions(&xl, fs::Permissions::from_mode(0o755)).expect("chmod");
         let xsr = dir.join("xenstore-read");
         let script = format!(
-            "#!/bin/sh\necho \"$1\" >> {d}/xs.log\ntest -e {d}/ready\n",
+            "#!/bin/sh\necho \"$1\" >> {d}/xs.log\nif test -e {d}/ready; then echo 1; else echo; fi\n",
             d = dir.display()
         );
         fs::write(&xsr, script).expect("write xenstore-read");
@@ -637,6 +637,10 @@ fn save_waits_for_a_booting_guest() {
     let start = Instant::now();
     lab.host.save_memory("domd", &mut Vec::new()).expect("save");
     assert!(start.elapsed() >= Duration::from_millis(600));
+    assert!(
+        start.elapsed() < Duration::from_millis(1900),
+        "waited for the timeout"
+    );
     t.join().expect("join");
     assert!(lab
         .read("xs.log")

@@ -88,23 +88,22 @@ impl Tools {
             .map_err(Error::io("run", &self.xl))
     }
 
-    /// Waits (at most `guest_ready`) until the guest of `domid` has written
-    /// `control/feature-suspend` to xenstore, as Linux does once its Xen drivers are up. A
-    /// guest saved before that cannot answer the suspend request (`xl save` fails with "Bad
-    /// mfn 0 for p2m frame list" right after boot). Returns whether it did; guests that never
-    /// write the node cost one wait.
+    /// Waits (at most `guest_ready`) until the guest of `domid` has written "1" into
+    /// `control/feature-suspend` (libxl creates the node empty; Linux fills it once its Xen
+    /// drivers are up). A guest saved before that cannot answer the suspend request (`xl save`
+    /// fails with "Bad mfn 0 for p2m frame list" right after boot). Returns whether it did;
+    /// guests that never fill the node cost one wait.
     pub fn wait_guest_can_suspend(&self, domid: u32) -> bool {
         let key = format!("/local/domain/{domid}/control/feature-suspend");
         let start = Instant::now();
         loop {
-            let found = Command::new(&self.xenstore_read)
+            let read = Command::new(&self.xenstore_read)
                 .arg(&key)
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
-            match found {
-                Ok(s) if s.success() => return true,
+                .output();
+            match read {
+                Ok(out) if out.status.success() && out.stdout.trim_ascii() == b"1" => return true,
                 Err(_) => return false, // no xenstore-read here: let xl try
                 Ok(_) if start.elapsed() > self.guest_ready => return false,
                 Ok(_) => std::thread::sleep(Duration::from_millis(250)),
