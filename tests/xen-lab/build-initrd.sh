@@ -50,6 +50,7 @@ add_bin() {  # add_bin SRC DEST: a binary and every shared library it needs (Xen
 # loads a keymap, without which the device model exits at once.
 add_bin xdm/usr/libexec/xen-qemu-system-i386 /usr/libexec/xen-qemu-system-i386
 add_bin xdm/usr/bin/qemu-img /usr/bin/qemu-img
+add_bin xdm/usr/bin/qemu-io /usr/bin/qemu-io
 KM=/usr/share/qemu/keymaps; [ -f $KM/en-us ] || KM=$H/usr/share/qemu/keymaps
 [ -f $KM/en-us ] || { echo "xen-lab: ERROR: no QEMU keymaps (qemu-system-data)" >&2; exit 1; }
 cp -a $KM $R/usr/share/qemu/
