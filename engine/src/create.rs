@@ -399,13 +399,6 @@ impl Engine {
                 }
             }
         }
-        self.end(
-            Event::OpRolledBack {
-                op: b.op,
-                at: journal::now_millis(),
-                reason: reason.to_string(),
-            },
-            Batch::new(),
-        )
+        self.end_rolled_back(b, reason)
     }
 }

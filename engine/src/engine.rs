@@ -317,6 +317,18 @@ impl Engine {
         }
     }
 
+    /// Journals that the operation was undone (nothing of it remains).
+    pub(crate) fn end_rolled_back(&mut self, b: &OpBegun, reason: &str) -> Result<()> {
+        self.end(
+            Event::OpRolledBack {
+                op: b.op,
+                at: journal::now_millis(),
+                reason: reason.to_string(),
+            },
+            Batch::new(),
+        )
+    }
+
     /// Journals the end of an operation together with `batch`.
     pub(crate) fn end(&mut self, event: Event, batch: Batch) -> Result<()> {
         let mut all = Batch::new();

@@ -106,7 +106,6 @@ impl Engine {
                 ..OpParams::default()
             },
         )?;
-        let op = begun.op;
         let mut progress = Progress::default();
         for step in &plan {
             progress.begun.push(step.clone());
@@ -116,14 +115,7 @@ impl Engine {
                     "the domain was already stopped; the next domsnap command finishes the revert"
                         .to_string()
                 } else {
-                    match self.end(
-                        Event::OpRolledBack {
-                            op,
-                            at: journal::now_millis(),
-                            reason: error_chain(&err),
-                        },
-                        Batch::new(),
-                    ) {
+                    match self.end_rolled_back(&begun, &error_chain(&err)) {
                         Ok(()) => "nothing was changed".into(),
                         Err(e) => format!("journaling the roll-back failed: {}", error_chain(&e)),
                     }
@@ -300,13 +292,6 @@ impl Engine {
 
     /// Rolls back a revert that stopped before anything destructive.
     pub(crate) fn undo_revert(&mut self, b: &OpBegun, reason: &str) -> Result<()> {
-        self.end(
-            Event::OpRolledBack {
-                op: b.op,
-                at: journal::now_millis(),
-                reason: reason.to_string(),
-            },
-            Batch::new(),
-        )
+        self.end_rolled_back(b, reason)
     }
 }

@@ -146,10 +146,7 @@ pub trait Host {
     /// image is never written. Idempotent: Ok if the disk's image is `overlay` already.
     fn create_external_snapshot(&self, name: &str, target: &str, overlay: &Path) -> Result<()> {
         let _ = (name, target, overlay);
-        Err(Error::Invalid(format!(
-            "external snapshots are not supported on the {} host",
-            self.kind()
-        )))
+        Err(external_unsupported(self.kind()))
     }
 
     /// Reverts disk `target` to the image `base` of an external snapshot: creates `overlay`
@@ -164,10 +161,7 @@ pub trait Host {
         overlay: &Path,
     ) -> Result<()> {
         let _ = (name, target, base, overlay);
-        Err(Error::Invalid(format!(
-            "external snapshots are not supported on the {} host",
-            self.kind()
-        )))
+        Err(external_unsupported(self.kind()))
     }
 
     /// Checks the qcow2 image of disk `target`: every cluster's refcount against the
@@ -212,11 +206,15 @@ pub trait Host {
     /// current image. Idempotent: Ok if the file no longer exists.
     fn remove_image(&self, name: &str, target: &str, image: &Path) -> Result<()> {
         let _ = (name, target, image);
-        Err(Error::Invalid(format!(
-            "external snapshots are not supported on the {} host",
-            self.kind()
-        )))
+        Err(external_unsupported(self.kind()))
     }
+}
+
+/// The error of a host without external snapshots.
+fn external_unsupported(kind: &str) -> Error {
+    Error::Invalid(format!(
+        "external snapshots are not supported on the {kind} host"
+    ))
 }
 
 /// A shared host is a host: a test keeps one handle to steer a fake while the engine owns
