@@ -538,11 +538,10 @@ impl Host for SimHost {
 
     fn destroy(&self, name: &str) -> Result<()> {
         let dir = self.dir(name)?;
-        // Stop the vCPU first so the device model has written out its qcow2 metadata:
-        // imago, unlike QEMU, does not order a cluster's refcount before the table entry
-        // naming it, so a device model killed in the middle of an allocation could leave a
-        // reference to a cluster with refcount 0. After a pause, the kill loses nothing but
-        // leaked clusters at worst. A guest that does not answer is killed all the same.
+        // Stop the vCPU first, so that no write (and no cluster allocation) is in flight
+        // when the device model is killed: the images keep nothing worse than leaked
+        // clusters, which are given back below. A guest that does not answer is killed all
+        // the same.
         let _ = self.call_active(&dir, name, &Request::Pause, "destroy");
         let _lock = HostLock::acquire(&dir, name)?;
         let deadline = Instant::now() + BOOT_GRACE;
