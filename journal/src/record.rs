@@ -167,6 +167,33 @@ mod tests {
     }
 
     #[test]
+    fn projections_round_trip() {
+        use crate::catalog::DomainCatalog;
+        use crate::store::{OpSummary, Outcome};
+        let mut catalog = DomainCatalog::default();
+        for e in sample_events() {
+            if let Event::OpCommitted { change, .. } = &e {
+                catalog.apply(change);
+            }
+        }
+        assert_eq!(catalog.snapshots.len(), 1);
+        let back: DomainCatalog = decode(&encode(&catalog).unwrap(), || "t".into()).unwrap();
+        assert_eq!(back, catalog);
+        let summary = OpSummary {
+            op: 7,
+            kind: OpKind::Revert,
+            domain: "web01".into(),
+            snapshot: "s".into(),
+            started: 1,
+            ended: Some(2),
+            outcome: Outcome::RolledForward,
+            recovered_forward: true,
+        };
+        let back: OpSummary = decode(&encode(&summary).unwrap(), || "t".into()).unwrap();
+        assert_eq!(back, summary);
+    }
+
+    #[test]
     fn any_flipped_bit_is_corruption() {
         let bytes = encode(&sample_events()[0]).unwrap();
         for i in 0..bytes.len() {
