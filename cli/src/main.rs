@@ -166,7 +166,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         open_engine(cli.host, &state, access, domain, cli.wait, json)
     };
     match cli.command {
-        Command::Domain(cmd) => domain_command(cli.host, &state, cmd, json),
+        Command::Domain(cmd) => {
+            // Like every command, finish or undo interrupted operations first (when no other
+            // domsnap process holds the journal), so a domain is never seen half-done.
+            drop(open(Access::Read, None)?);
+            domain_command(cli.host, &state, cmd, json)
+        }
         Command::Create(a) => {
             let name = match a.name {
                 Some(n) => n,
