@@ -11,40 +11,8 @@ use xen::contract::{qemu_img_check, qemu_img_check_allow_leaks, read_disk_u64};
 use xen::sim::{SimHost, Workload};
 use xen::{Error, Host, RunState};
 
-const MIB: u64 = 1 << 20;
-const GUEST_EXE: &str = env!("CARGO_BIN_EXE_sim-guest");
-
-fn host(dir: &Path) -> SimHost {
-    SimHost::open(dir)
-        .expect("open sim host")
-        .with_guest_exe(GUEST_EXE)
-}
-
-fn state(host: &SimHost, name: &str) -> RunState {
-    host.domain(name).expect("domain").state
-}
-
-fn xvda(host: &SimHost, name: &str) -> std::path::PathBuf {
-    host.domain(name)
-        .expect("domain")
-        .disk("xvda")
-        .expect("xvda")
-        .path
-        .clone()
-}
-
-/// Waits until the counter in memory reaches at least `at_least`.
-fn wait_counter(host: &SimHost, name: &str, at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let n = host.memory_counter(name).expect("memory counter");
-        if n >= at_least {
-            return n;
-        }
-        assert!(Instant::now() < deadline, "counter stuck at {n}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+mod common;
+use common::*;
 
 /// Memory holds m, xvda holds m or m + 1 (the vCPU writes the disk first).
 fn assert_consistent(host: &SimHost, name: &str) -> u64 {

@@ -5,48 +5,16 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use xen::contract::{qemu_img_check, qemu_img_check_allow_leaks, read_disk, read_disk_u64};
 use xen::sim::{SimHost, Workload};
 use xen::{Error, Host, RunState};
 
-const MIB: u64 = 1 << 20;
-const GUEST_EXE: &str = env!("CARGO_BIN_EXE_sim-guest");
-
-fn host(dir: &Path) -> SimHost {
-    SimHost::open(dir)
-        .expect("open sim host")
-        .with_guest_exe(GUEST_EXE)
-}
+mod common;
+use common::*;
 
 fn domain_dir(host: &SimHost, name: &str) -> PathBuf {
     host.state_dir().join("sim/domains").join(name)
-}
-
-fn xvda(host: &SimHost, name: &str) -> PathBuf {
-    host.domain(name)
-        .expect("domain")
-        .disk("xvda")
-        .expect("xvda")
-        .path
-        .clone()
-}
-
-fn state(host: &SimHost, name: &str) -> RunState {
-    host.domain(name).expect("domain").state
-}
-
-fn wait_counter(host: &SimHost, name: &str, at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let n = host.memory_counter(name).expect("memory counter");
-        if n >= at_least {
-            return n;
-        }
-        assert!(Instant::now() < deadline, "counter stuck at {n}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn run(program: &str, args: &[&str]) -> String {
