@@ -19,13 +19,26 @@
 //!
 //! # Implementations
 //!
-//! Each implementation runs the same contract test suite. Backends that need system
-//! libraries or a network (Ceph RADOS, S3) are behind cargo features.
+//! - [`LocalStore`]: a directory of files (fsync discipline, 0600 files, 0700 directories).
+//! - `MemoryStore` (feature `testing`): a map that can lose unflushed objects on demand, for
+//!   tests.
+//!
+//! Each implementation runs the same contract test suite, `contract` (feature `testing`).
+//! Backends that need system libraries or a network (Ceph RADOS, S3) are behind cargo
+//! features.
 #![warn(missing_docs)]
 
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
 mod error;
+mod local;
+#[cfg(any(test, feature = "testing"))]
+mod memory;
 
 pub use error::{Error, ErrorKind, Result};
+pub use local::LocalStore;
+#[cfg(any(test, feature = "testing"))]
+pub use memory::MemoryStore;
 
 /// One object as [`ObjectStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,10 +66,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// [`ErrorKind::ReadOnly`] and nothing is written anywhere.
     fn read_only(&self) -> bool;
 
-    /// Writes `data` as object `name` unless an object of that name exists already, in which
-    /// case nothing is written and `Ok(false)` is returned (names of immutable objects derive
-    /// from their content, so an existing object holds the same bytes). `Ok(true)` when this
-    /// call wrote it. Durable only once a later [`ObjectStore::flush`] returns. Idempotent.
+    /// Writes `data` as object `name` unless an object of that name and length exists
+    /// already, in which case nothing is written and `Ok(false)` is returned (names of
+    /// immutable objects derive from their content, so an existing object holds the same
+    /// bytes; one of another length is a leftover torn by a crash before a flush, and is
+    /// replaced). `Ok(true)` when this call wrote it. Durable only once a later
+    /// [`ObjectStore::flush`] returns. Idempotent; of several concurrent puts of one name,
+    /// one writes.
     fn put(&self, name: &str, data: &[u8]) -> Result<bool>;
 
     /// Makes every object put (by this handle) before the call durable.
@@ -80,6 +96,43 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// Deletes object `name`; durable when it returns. Idempotent: `Ok` if it does not exist.
     fn delete(&self, name: &str) -> Result<()>;
+}
+
+/// A shared store is a store.
+impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
+    }
+    fn put(&self, name: &str, data: &[u8]) -> Result<bool> {
+        (**self).put(name, data)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn replace(&self, name: &str, data: &[u8]) -> Result<()> {
+        (**self).replace(name, data)
+    }
+    fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        (**self).get(name)
+    }
+    fn read_at(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(name, offset, buf)
+    }
+    fn len(&self, name: &str) -> Result<Option<u64>> {
+        (**self).len(name)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        (**self).list(prefix)
+    }
+    fn delete(&self, name: &str) -> Result<()> {
+        (**self).delete(name)
+    }
 }
 
 /// Longest object name accepted.
