@@ -19,14 +19,43 @@ BIN=$CARGO_TARGET_DIR/release/examples/disk-snap
 mkdir -p "$WORK"
 echo "work dir: $WORK; qemu-img: $(qemu-img --version | head -1)"
 
-# Milliseconds taken by a command, to 0.1 ms (its output discarded, failure fatal). Whole
-# milliseconds made the ratios of the 1 GiB image, a few ms each, mostly rounding.
-ms() {
+# Appends to array $1 the milliseconds a command took, to 0.1 ms (its output discarded).
+# Runs in this shell, not in a `$(...)` subshell (which would ignore `set -e`): a failing
+# command stops the script instead of being timed as a fast run. Whole milliseconds made
+# the ratios of the 1 GiB image, a few ms each, mostly rounding.
+time_into() {
+    local -n into=$1
+    shift
     local t0 t1
     t0=$(date +%s%N)
-    "$@" >/dev/null
+    if ! "$@" >/dev/null; then
+        echo "failed: $*" >&2
+        exit 1
+    fi
     t1=$(date +%s%N)
-    awk -v d=$((t1 - t0)) 'BEGIN {printf "%.1f", d / 1000000}'
+    into+=("$(awk -v d=$((t1 - t0)) 'BEGIN {printf "%.1f", d / 1000000}')")
+}
+
+# Fails unless the image's snapshot table lists (want=1) or lacks (want=0) tag $2.
+has_snapshot() { # image tag want
+    local found=0
+    if qemu-img snapshot -l "$1" | awk 'NR > 2 {print $2}' | grep -qx -- "$2"; then
+        found=1
+    fi
+    if [[ $found != "$3" ]]; then
+        echo "snapshot $2 of $1: expected present=$3, found present=$found" >&2
+        exit 1
+    fi
+}
+
+# Fails unless the first MiB of the image holds pattern byte $2 (what the apply restored).
+holds_pattern() { # image pattern
+    local out
+    out=$(qemu-io -r -f qcow2 -c "read -P $2 0 1M" "$1")
+    if [[ $out == *"verification failed"* || $out != *"read 1048576/1048576"* ]]; then
+        echo "after apply, $1 does not hold the snapshot's data: $out" >&2
+        exit 1
+    fi
 }
 
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -60,15 +89,22 @@ for spec in $SIZES; do
     make_image "$img" "$vgib" "$dgib"
     qc=() qa=() qd=() dc=() da=() dd=()
     for ((r = 0; r < RUNS; r++)); do
-        # Same sequence for both tools: create, a guest write, apply, delete.
-        qc+=("$(ms qemu-img snapshot -c "q$r" "$img")")
+        # Same sequence for both tools: create, a guest write, apply, delete; each checked
+        # (outside the timing) to have done what it should.
+        time_into qc qemu-img snapshot -c "q$r" "$img"
+        has_snapshot "$img" "q$r" 1
         qemu-io -f qcow2 -c "write -P 0x77 0 1M" "$img" >/dev/null
-        qa+=("$(ms qemu-img snapshot -a "q$r" "$img")")
-        qd+=("$(ms qemu-img snapshot -d "q$r" "$img")")
-        dc+=("$(ms "$BIN" create "$img" "d$r")")
+        time_into qa qemu-img snapshot -a "q$r" "$img"
+        holds_pattern "$img" 1
+        time_into qd qemu-img snapshot -d "q$r" "$img"
+        has_snapshot "$img" "q$r" 0
+        time_into dc "$BIN" create "$img" "d$r"
+        has_snapshot "$img" "d$r" 1
         qemu-io -f qcow2 -c "write -P 0x78 0 1M" "$img" >/dev/null
-        da+=("$(ms "$BIN" apply "$img" "d$r")")
-        dd+=("$(ms "$BIN" delete "$img" "d$r")")
+        time_into da "$BIN" apply "$img" "d$r"
+        holds_pattern "$img" 1
+        time_into dd "$BIN" delete "$img" "d$r"
+        has_snapshot "$img" "d$r" 0
     done
     qemu-img check -q "$img"
     m() { echo "$@" | median; }

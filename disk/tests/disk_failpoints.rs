@@ -1,4 +1,5 @@
-//! Crash at every ordered write of a snapshot operation: the image must stay free of
+//! Crash at every ordered write of a snapshot operation (each case checks that its failpoint
+//! fired: one that is never reached fails): the image must stay free of
 //! corruption for `qemu-img check`, read as before or after the operation, and be usable.
 //! Run with `cargo test -p disk --features failpoints`.
 #![cfg(feature = "failpoints")]
@@ -22,7 +23,12 @@ const STEPS: [&str; 7] = [
     "disk::internal::sync_header",
 ];
 
-/// An image with one qemu snapshot "q" and one of ours "d", plus later writes.
+/// An image with one qemu snapshot "q" and two of ours, "d" and "e", plus later writes.
+///
+/// "e" is taken by domsnap while clusters written since "d" belong to the active image alone:
+/// its L2 table keeps their COPIED flags, and the guest writes into the same table after it.
+/// So applying "e" must write a fresh L2 table, and deleting "e" gives the active image back
+/// sole ownership of those clusters (new L2 and L1 tables): every step of both is reached.
 fn setup(dir: &Path) -> (std::path::PathBuf, Model) {
     let img = dir.join("f.qcow2");
     disk::create_image(&img, 4 * MIB, Some(4096)).unwrap();
@@ -37,6 +43,10 @@ fn setup(dir: &Path) -> (std::path::PathBuf, Model) {
     model.save(&dir.join("d.raw"));
     qemu_io(&img, "write -P 0x33 128k 512k");
     model.write(128 * 1024, 512 * 1024, 0x33);
+    disk::create_snapshot(&img, "e").unwrap();
+    model.save(&dir.join("e.raw"));
+    qemu_io(&img, "write -P 0x44 0 64k");
+    model.write(0, 64 * 1024, 0x44);
     (img, model)
 }
 
@@ -52,17 +62,36 @@ fn crash_during(op: &str, step: &'static str, action: &str) {
     let op2 = op.to_string();
     let outcome = std::panic::catch_unwind(move || match op2.as_str() {
         "create" => disk::create_snapshot(&img2, "new").map(|_| ()),
-        "apply" => disk::apply_snapshot(&img2, "q"),
-        "delete" => disk::delete_snapshot(&img2, "d"),
+        "apply" => disk::apply_snapshot(&img2, "e"),
+        "delete" => disk::delete_snapshot(&img2, "e"),
         _ => unreachable!(),
     });
     fail::cfg(step, "off").unwrap();
-    let stopped = match &outcome {
-        Err(_) => true,
-        Ok(Err(disk::Error::FailPoint(_))) => true,
-        Ok(Ok(())) => false,
+    // The failpoint must have stopped the operation: a case whose failpoint is never reached
+    // would pass as an ordinary success and prove nothing.
+    match &outcome {
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            assert!(
+                action == "panic" && message.contains(step),
+                "{op} at {step} ({action}): a panic that is not the injected one: {message:?}"
+            );
+        }
+        Ok(Err(disk::Error::FailPoint(name))) => {
+            assert_eq!(*name, step, "{op}: stopped by another failpoint");
+            assert_eq!(
+                action, "return",
+                "{op} at {step}: {action} returned instead"
+            );
+        }
+        Ok(Ok(())) => panic!("{op}: failpoint {step} was never reached"),
         Ok(Err(e)) => panic!("{op} at {step}: unexpected error {e}"),
-    };
+    }
+    let stopped = true;
     // No corruption, and (every change being one atomic switch) not even a leak.
     let (code, text) = qemu_check(&img);
     assert_eq!(code, 0, "{op} stopped at {step}: qemu-img check: {text}");
@@ -80,7 +109,7 @@ fn crash_during(op: &str, step: &'static str, action: &str) {
         _ => assert_eq!(n, names_before),
     }
     let expect = if committed && op == "apply" {
-        dir.path().join("q.raw")
+        dir.path().join("e.raw")
     } else {
         before
     };
@@ -89,7 +118,7 @@ fn crash_during(op: &str, step: &'static str, action: &str) {
     match op {
         "create" if !committed => drop(disk::create_snapshot(&img, "new").unwrap()),
         "apply" => disk::apply_snapshot(&img, "d").unwrap(),
-        "delete" if !committed => disk::delete_snapshot(&img, "d").unwrap(),
+        "delete" if !committed => disk::delete_snapshot(&img, "e").unwrap(),
         _ => {}
     }
     assert_qemu_clean(&img);
@@ -101,6 +130,8 @@ fn crash_during(op: &str, step: &'static str, action: &str) {
 macro_rules! crash_tests {
     ($($name:ident: $op:expr, $step:expr, $action:expr;)*) => {
         $(#[test] fn $name() { crash_during($op, STEPS[$step], $action); })*
+        /// Every case above, as (operation, step).
+        const CASES: &[(&str, usize)] = &[$(($op, $step)),*];
     };
 }
 
@@ -130,18 +161,27 @@ crash_tests! {
 }
 
 #[test]
-fn every_step_is_reached() {
-    // Each failpoint fires for create on the setup image (so none of the tests above is vacuous).
-    for step in STEPS {
-        let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = tempfile::tempdir().unwrap();
-        let (img, _) = setup(dir.path());
-        fail::cfg(step, "return").unwrap();
-        let r = disk::create_snapshot(&img, "new");
-        fail::cfg(step, "off").unwrap();
-        assert!(
-            matches!(r, Err(disk::Error::FailPoint(_))),
-            "{step} not reached: {r:?}"
-        );
+fn every_step_of_every_operation_has_a_case() {
+    // apply keeps the snapshot table as it is: it never writes one.
+    for op in ["create", "apply", "delete"] {
+        for (i, step) in STEPS.iter().enumerate() {
+            if op == "apply" && *step == "disk::internal::write_table" {
+                continue;
+            }
+            assert!(CASES.contains(&(op, i)), "{op} has no crash case at {step}");
+        }
     }
+}
+
+#[test]
+fn apply_never_writes_a_snapshot_table() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = setup(dir.path());
+    let step = "disk::internal::write_table";
+    fail::cfg(step, "return").unwrap();
+    let r = disk::apply_snapshot(&img, "e");
+    fail::cfg(step, "off").unwrap();
+    r.unwrap();
+    assert!(same_content(&img, &dir.path().join("e.raw")));
 }
