@@ -34,11 +34,15 @@ mod error;
 mod local;
 #[cfg(any(test, feature = "testing"))]
 mod memory;
+#[cfg(feature = "rados")]
+mod rados;
 
 pub use error::{Error, ErrorKind, Result};
 pub use local::LocalStore;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemoryStore;
+#[cfg(feature = "rados")]
+pub use rados::{RadosConfig, RadosStore};
 
 /// One object as [`ObjectStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
