@@ -2,7 +2,8 @@
 //! inside dom0 drives this build's `domsnap --host xen` against a PV domU with a qcow2 disk
 //! (see `tests/xen-lab/dom0-test.sh`). Fails on any failed check, on a missing check and when
 //! the run takes longer than 20 minutes. Skipped, with the reason, only when this host cannot
-//! run the lab (not Debian 12 with apt, or QEMU not obtainable).
+//! run the lab (not Debian 12 with apt, or QEMU not obtainable) and this is not a CI run: with
+//! `CI` set (e.g. `CI=true`), a lab that cannot run fails the test.
 //!
 //! ```sh
 //! cargo test --release --features xen,failpoints --test xen_lab -- --nocapture
@@ -61,6 +62,12 @@ fn lab_dir(bin: &Path) -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("domsnap-xen-lab"))
 }
 
+/// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`, as CI services
+/// set it): there, a lab that cannot run fails the test instead of skipping it.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+}
+
 #[test]
 fn xen_lab() {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_domsnap"));
@@ -109,9 +116,17 @@ fn xen_lab() {
     };
     let output = reader.join().expect("reader");
     if status.code() == Some(3) {
+        // In CI a green run must mean the real Xen ran: not being able to run it is a failure.
+        assert!(
+            !in_ci(),
+            "xen_lab: this host cannot run the Xen lab (see above), and CI={:?}: \
+             qemu-system-x86_64 and the Debian Xen packages must be obtainable",
+            std::env::var("CI").unwrap_or_default()
+        );
         eprintln!("\n################################################################");
         eprintln!("xen_lab: SKIPPED: this host cannot run the Xen lab (see above):");
         eprintln!("qemu-system-x86_64 and the Debian Xen packages must be obtainable.");
+        eprintln!("With CI=true this is a failure.");
         eprintln!("################################################################\n");
         return;
     }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! → {"execute":"status"}
-//! ← {"ok":true,"state":"running","n":1234,"pid":4242}
+//! ← {"ok":true,"state":"running","n":1234,"pid":4242,"steps":1300,"parked":false}
 //! → {"execute":"snapshot-create","disk":"xvda","tag":"s1"}
 //! ← {"ok":true}
 //! → {"execute":"pause"}
@@ -81,6 +81,12 @@ pub(crate) struct Response {
     /// The guest's process id (status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Iterations of the workload the vCPU has run (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Whether the vCPU thread has stopped and waits to be let run (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<bool>,
 }
 
 impl Response {

@@ -234,6 +234,10 @@ struct VcpuCtl {
     busy: bool,
     /// The last counter value stored in memory.
     n: u64,
+    /// Iterations of the workload run so far (idle ones included).
+    steps: u64,
+    /// The vCPU thread is waiting to be let run (it has stopped).
+    parked: bool,
 }
 
 #[derive(Debug)]
@@ -249,6 +253,8 @@ impl Vcpu {
                 run: false,
                 busy: false,
                 n,
+                steps: 0,
+                parked: false,
             }),
             changed: Condvar::new(),
         }
@@ -509,12 +515,17 @@ impl Guest {
             let n = {
                 let mut ctl = self.vcpu.lock();
                 while !ctl.run {
+                    if !ctl.parked {
+                        ctl.parked = true;
+                        self.vcpu.changed.notify_all();
+                    }
                     ctl = self
                         .vcpu
                         .changed
                         .wait(ctl)
                         .unwrap_or_else(|p| p.into_inner());
                 }
+                ctl.parked = false;
                 ctl.busy = true;
                 ctl.n
             };
@@ -522,6 +533,7 @@ impl Guest {
             {
                 let mut ctl = self.vcpu.lock();
                 ctl.busy = false;
+                ctl.steps += 1;
                 if let Ok(Some(next)) = step {
                     ctl.n = next;
                 }
@@ -578,6 +590,8 @@ impl Guest {
                     }),
                     n: Some(ctl.n),
                     pid: Some(std::process::id()),
+                    steps: Some(ctl.steps),
+                    parked: Some(ctl.parked),
                     ..Response::default()
                 })
             }

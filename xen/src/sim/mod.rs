@@ -80,6 +80,15 @@ pub(crate) fn domains_dir(state_dir: &Path) -> PathBuf {
 /// How long a status query waits for a guest that holds its domain but is still booting.
 const BOOT_GRACE: Duration = Duration::from_secs(5);
 
+/// The vCPU of a simulated guest, as [`SimHost::vcpu`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuStatus {
+    /// Iterations of the workload run so far (idle ones included).
+    pub steps: u64,
+    /// The vCPU has stopped and waits to be let run.
+    pub parked: bool,
+}
+
 /// The simulated Xen host of one state directory.
 #[derive(Debug, Clone)]
 pub struct SimHost {
@@ -205,6 +214,26 @@ impl SimHost {
         file.read_exact_at(&mut bytes, 0)
             .map_err(Error::io("read", &path))?;
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// What the guest's vCPU is doing: how many workload iterations it has run and whether it
+    /// has stopped and waits to be let run. [`Error::WrongState`] if the domain is shut off.
+    /// Tests wait on these instead of sleeping: a paused domain whose vCPU is parked cannot
+    /// move, and an idle one that has run iterations has had its chance to.
+    pub fn vcpu(&self, name: &str) -> Result<VcpuStatus> {
+        let dir = self.dir(name)?;
+        let r = self
+            .guest_status(&dir, name)?
+            .ok_or_else(|| Error::WrongState {
+                domain: name.to_owned(),
+                state: RunState::Shutoff,
+                operation: "read the vCPU status",
+                needs: "running or paused",
+            })?;
+        Ok(VcpuStatus {
+            steps: r.steps.unwrap_or(0),
+            parked: r.parked.unwrap_or(false),
+        })
     }
 
     /// Shuts the domain down gracefully: the vCPU stops, the disks are flushed and closed,

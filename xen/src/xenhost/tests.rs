@@ -578,17 +578,8 @@ fn dead_device_model_is_a_device_model_error() {
 fn disks_of_a_shut_off_domain_go_to_the_image() {
     let lab = Lab::new();
     let img = lab.dir.join("img.qcow2");
-    let ok = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("1M")
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not available: skipping");
-        return;
-    }
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", path(&img), "1M"]);
+    qemu_io_write(&img, 0x11);
     let listed = lab
         .read("list-5.json")
         .replace("/images/domd.qcow2", &img.to_string_lossy());
@@ -604,9 +595,22 @@ fn disks_of_a_shut_off_domain_go_to_the_image() {
         lab.host.disk_snapshots("domd", "xvda").expect("list"),
         vec!["d1"]
     );
+    // What the snapshot holds is overwritten, then brought back by apply.
+    qemu_io_write(&img, 0x22);
+    assert_eq!(qemu_io_read_byte(&img), 0x22);
     lab.host
         .apply_disk_snapshot("domd", "xvda", "d1")
         .expect("apply");
+    assert_eq!(
+        qemu_io_read_byte(&img),
+        0x11,
+        "apply brought d1's data back"
+    );
+    qemu_io_write(&img, 0x33);
+    lab.host
+        .apply_disk_snapshot("domd", "xvda", "d1")
+        .expect("apply again");
+    assert_eq!(qemu_io_read_byte(&img), 0x11, "a second apply too");
     assert!(matches!(
         lab.host.apply_disk_snapshot("domd", "xvda", "nope"),
         Err(Error::NoSuchDiskSnapshot { .. })
@@ -622,6 +626,47 @@ fn disks_of_a_shut_off_domain_go_to_the_image() {
         .disk_snapshots("domd", "xvda")
         .expect("list")
         .is_empty());
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Runs a QEMU tool; a missing tool or a failure fails the test (never a skip).
+fn qemu(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} is needed by this test: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fills the first 64 KiB of a qcow2 image with `byte`.
+fn qemu_io_write(img: &std::path::Path, byte: u8) {
+    let cmd = format!("write -P {byte} 0 64k");
+    qemu(&["qemu-io", "-f", "qcow2", "-c", &cmd, path(img)]);
+}
+
+/// The byte the first 64 KiB of a qcow2 image are filled with (fails if they differ).
+fn qemu_io_read_byte(img: &std::path::Path) -> u8 {
+    for byte in [0x11u8, 0x22, 0x33] {
+        let cmd = format!("read -P {byte} 0 64k");
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c", &cmd, path(img)])
+            .output()
+            .expect("qemu-io is needed by this test");
+        // qemu-io reports a pattern mismatch on stdout and still exits 0.
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && !text.contains("Pattern verification failed") {
+            return byte;
+        }
+    }
+    panic!("{} holds none of the test patterns", img.display());
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use xen::sim::SimHost;
+use xen::sim::{SimHost, VcpuStatus};
 use xen::{Host, RunState};
 
 pub const MIB: u64 = 1 << 20;
@@ -42,5 +42,35 @@ pub fn wait_counter(host: &SimHost, name: &str, at_least: u64) -> u64 {
         }
         assert!(Instant::now() < deadline, "counter stuck at {n}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the vCPU of `name` has stopped and waits to be let run: from then on its
+/// counter cannot move until it is unpaused (no sleep needed to show that).
+pub fn wait_parked(host: &SimHost, name: &str) -> VcpuStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = host.vcpu(name).expect("vcpu status");
+        if v.parked {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vCPU of {name} never parked: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the vCPU of `name` has run at least `at_least` iterations of its workload.
+pub fn wait_steps(host: &SimHost, name: &str, at_least: u64) -> VcpuStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = host.vcpu(name).expect("vcpu status");
+        if v.steps >= at_least {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "vCPU of {name} stuck: {v:?}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
