@@ -69,6 +69,51 @@ pub enum Error {
         /// The image.
         path: PathBuf,
     },
+    /// An `lvm` command failed (or printed what cannot be read).
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Lvm {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// No logical volume of that name.
+    #[error("no logical volume {volume}")]
+    NoSuchVolume {
+        /// `vg/lv`.
+        volume: String,
+    },
+    /// The logical volume is not a thin volume (a thick, linear or striped one, or a pool).
+    #[error(
+        "{volume} is not an LVM thin volume (lv_attr {attr}): only thin volumes have \
+         instant snapshots that stay valid; move the disk to a thin pool"
+    )]
+    NotThin {
+        /// `vg/lv`.
+        volume: String,
+        /// Its `lv_attr`.
+        attr: String,
+    },
+    /// The thin pool has too little free space for one more snapshot.
+    #[error(
+        "thin pool {pool} of {volume} is full ({data_percent:.1}% data, \
+         {metadata_percent:.1}% metadata used; limit {limit_percent}%): no new snapshot; \
+         extend the pool (lvextend) or delete snapshots"
+    )]
+    ThinPoolFull {
+        /// `vg/lv` of the volume to snapshot.
+        volume: String,
+        /// `vg/pool`.
+        pool: String,
+        /// Data usage, percent.
+        data_percent: f64,
+        /// Metadata usage, percent.
+        metadata_percent: f64,
+        /// The usage at which snapshots are refused.
+        limit_percent: f64,
+    },
     /// An armed failpoint stopped the operation (only with the `failpoints` feature).
     #[error("failpoint {0} triggered")]
     FailPoint(&'static str),

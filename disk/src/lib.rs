@@ -9,6 +9,8 @@
 //! - Image creation ([`create_image`]), consistency check and leak repair ([`check()`],
 //!   [`repair_leaks`]), and external snapshots ([`create_overlay`], [`commit_overlay`],
 //!   [`rebase`], [`backing_file`]).
+//! - One interface for the named snapshots of a disk, whatever stores it ([`Backend`]):
+//!   qcow2 internal snapshots ([`Qcow2Image`]) and LVM thin snapshots ([`lvm::ThinVolume`]).
 //!
 //! Snapshot operations and checks work on a closed image: the caller drops its `DataImage`
 //! first. [`list_snapshots`] only reads and may run while a `DataImage` is open elsewhere.
@@ -19,6 +21,7 @@
 //! incompatible features, and images with the dirty bit set (run `qemu-img check -r all`).
 #![warn(missing_docs)]
 
+mod backend;
 mod check;
 mod create;
 mod data;
@@ -26,10 +29,12 @@ mod error;
 mod format;
 mod internal;
 mod lock;
+pub mod lvm;
 mod meta;
 mod overlay;
 mod table;
 
+pub use backend::{Backend, Qcow2Image};
 pub use check::CheckReport;
 pub use data::DataImage;
 pub use error::{Error, Result};
