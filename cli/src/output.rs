@@ -333,14 +333,20 @@ pub fn gc(r: &GcReport, json: bool) -> anyhow::Result<()> {
             "bytes_freed": r.bytes_freed,
             "packs_removed": r.packs_removed,
             "packs_rewritten": r.packs_rewritten,
+            "manifests_removed": r.manifests_removed,
+            "unknown": r.unknown,
         }));
     }
     println!(
-        "gc: {} chunks removed, {} freed, {} pack files removed, {} rewritten",
+        "gc: {} chunks removed, {} freed, {} packs removed, {} rewritten, {} manifests removed",
         r.chunks_removed,
         bytes(r.bytes_freed),
         r.packs_removed,
-        r.packs_rewritten
+        r.packs_rewritten,
+        r.manifests_removed
     );
+    for u in &r.unknown {
+        println!("  kept, not known to the journal: {u}");
+    }
     Ok(())
 }

@@ -241,24 +241,67 @@ impl Engine {
             }
             Step::SaveMemory => {
                 let total = self.host.domain(domain)?.memory_bytes;
-                let writer = self.memory.writer(&self.journal, b.op)?;
-                let mut counting = Counting {
-                    inner: writer,
-                    bytes: 0,
-                    total,
-                    observer: self.observer.as_ref(),
+                let parent = self.parent_checkpoint(b)?;
+                let host = self.host.as_ref();
+                let observer = self.observer.as_ref();
+                // Where the host logs the pages written since the parent checkpoint was
+                // taken, only those are read.
+                let mut captured = None;
+                let mut read_pages = None;
+                if let Some((image, parent_op)) = &parent {
+                    if host.dirty_pages(domain)?.is_some() {
+                        host.pause(domain)?;
+                        if let Some(dirty) = host.dirty_pages(domain)? {
+                            if dirty.base == *parent_op {
+                                read_pages = Some(dirty.pages.len());
+                                captured = self.memory.capture_pages(
+                                    &self.journal,
+                                    b.op,
+                                    image,
+                                    total,
+                                    &dirty.pages,
+                                    |sink| {
+                                        host.read_memory_pages(domain, &dirty.pages, sink)?;
+                                        Ok::<(), Error>(())
+                                    },
+                                )?;
+                            }
+                        }
+                    }
+                }
+                let note = read_pages.filter(|_| captured.is_some()).map(|n| {
+                    format!("read only the {n} pages the domain wrote since its parent checkpoint")
+                });
+                let captured = match captured {
+                    Some(c) => c,
+                    None => self.memory.capture(
+                        &self.journal,
+                        b.op,
+                        parent.as_ref().map(|(image, _)| image.as_str()),
+                        |sink| {
+                            let mut counting = Counting {
+                                inner: sink,
+                                bytes: 0,
+                                total,
+                                observer,
+                            };
+                            host.save_memory(domain, &mut counting)?;
+                            Ok::<(), Error>(())
+                        },
+                    )?,
                 };
-                self.host.save_memory(domain, &mut counting)?;
-                let ingested = counting.inner.finish()?;
+                // From here on the log holds what the guest writes after this checkpoint.
+                host.reset_dirty_pages(domain, b.op)?;
                 crate::engine::crash_point("engine::create::save-memory-ingested");
+                let sealed = self.memory.seal(captured)?;
                 Ok((
                     StepDetail {
-                        bytes_read: Some(ingested.bytes),
-                        bytes_new: Some(ingested.bytes_new),
-                        image: Some(ingested.image.clone()),
-                        note: None,
+                        bytes_read: Some(sealed.bytes),
+                        bytes_new: Some(sealed.bytes_new),
+                        image: Some(sealed.image),
+                        note,
                     },
-                    ingested.batch,
+                    sealed.batch,
                 ))
             }
             Step::SnapshotDisk(target) => {
@@ -286,6 +329,28 @@ impl Engine {
                 "step {other} is not part of create"
             ))),
         }
+    }
+
+    /// The memory image (and operation) of the nearest checkpoint above the snapshot being
+    /// created: what its memory is compared with first.
+    fn parent_checkpoint(&self, b: &OpBegun) -> Result<Option<(String, u64)>> {
+        let catalog = self.journal.domain_catalog(&b.domain)?;
+        let mut next = b.params.snapshot.as_ref().and_then(|s| s.parent.clone());
+        let mut steps = 0;
+        while let Some(name) = next {
+            let Some(snap) = catalog.snapshots.get(&name) else {
+                break;
+            };
+            if let Some(image) = &snap.memory_image {
+                return Ok(Some((image.clone(), snap.op)));
+            }
+            next = snap.parent.clone();
+            steps += 1;
+            if steps > catalog.snapshots.len() {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// Unpauses the domain if it was running when the operation began and is paused now.

@@ -57,6 +57,9 @@ pub struct Engine {
     pub(crate) host: Box<dyn Host>,
     pub(crate) memory: MemStore,
     pub(crate) observer: Box<dyn Observer>,
+    /// The memory image a revert's verify-image step read and checked, kept for its
+    /// restore-memory step (the image is read from disk once).
+    pub(crate) staged: Option<crate::memstore::Staged>,
     locks: BTreeMap<String, File>,
 }
 
@@ -153,13 +156,18 @@ impl Engine {
                 other => other?,
             },
         };
-        let memory = MemStore::open(&state.join("memory"))?;
+        let memory = MemStore::open(
+            &state.join("memory"),
+            crate::memstore::DEFAULT_STATE,
+            journal.mode() != Mode::Primary,
+        )?;
         let mut engine = Engine {
             state: state.to_path_buf(),
             journal,
             host,
             memory,
             observer,
+            staged: None,
             locks,
         };
         if engine.journal.mode() == Mode::Primary {

@@ -11,7 +11,7 @@
 //! | operation | step                    | redo (roll forward)               | undo (roll back)                        |
 //! |-----------|-------------------------|-----------------------------------|-----------------------------------------|
 //! | create    | `pause`                 | pause the domain                  | nothing (the run state is restored last)|
-//! | create    | `save-memory`           | —  (never redone: see decision)   | release the image / drop its pack file  |
+//! | create    | `save-memory`           | —  (never redone: see decision)   | drop what it stored but did not record (packs, manifest) |
 //! | create    | `snapshot-disk:T`       | —  (never redone: see decision)   | delete the disk snapshot tag            |
 //! | create    | `resume`                | unpause if it was running         | —                                       |
 //! | revert    | `verify-image`          | verify again                      | nothing                                 |

@@ -140,6 +140,9 @@ pub struct OpView {
     pub reason: Option<String>,
     /// Steps in order.
     pub steps: Vec<StepView>,
+    /// For a create of a running domain: how long it was paused, in milliseconds (from the
+    /// start of its first `pause` or `save-memory` step to the end of its `resume` step).
+    pub pause_ms: Option<u64>,
 }
 
 /// Filters for `history`.
@@ -223,7 +226,9 @@ impl Engine {
             recovery: None,
             reason: None,
             steps: Vec::new(),
+            pause_ms: None,
         };
+        let mut paused_at: Option<Millis> = None;
         let mut open: Vec<(String, Millis)> = Vec::new();
         for event in &events {
             match event {
@@ -232,6 +237,9 @@ impl Engine {
                     view.host = b.host.clone();
                 }
                 Event::StepBegun { step, at, .. } => {
+                    if paused_at.is_none() && (step == "pause" || step == "save-memory") {
+                        paused_at = Some(*at);
+                    }
                     // A step begun again (by recovery) supersedes the interrupted attempt.
                     if let Some(i) = open.iter().position(|(s, _)| s == step) {
                         let (name, started) = open.remove(i);
@@ -244,6 +252,9 @@ impl Engine {
                     step, at, detail, ..
                 } => {
                     let started = take_open(&mut open, step).unwrap_or(*at);
+                    if step == "resume" {
+                        view.pause_ms = paused_at.map(|p| at.saturating_sub(p));
+                    }
                     let mut s = step_view(step.clone(), started, Some(*at), "done", None);
                     s.bytes_read = detail.bytes_read;
                     s.bytes_new = detail.bytes_new;

@@ -146,8 +146,17 @@ impl Engine {
         let mut detail = StepDetail::default();
         match step {
             Step::VerifyImage => {
+                // Read and check the image once, before anything is touched, and keep it
+                // for restore-memory when it fits in memory.
                 let image = snap.memory_image.as_deref().unwrap_or_default();
-                detail.bytes_read = Some(self.memory.verify(&self.journal, image)?);
+                self.staged = None;
+                if snap.memory_bytes <= crate::memstore::stage_limit() {
+                    let staged = self.memory.stage_image(&self.journal, image)?;
+                    detail.bytes_read = Some(staged.len());
+                    self.staged = Some(staged);
+                } else {
+                    detail.bytes_read = Some(self.memory.verify(&self.journal, image)?);
+                }
             }
             Step::StopDomain => self.host.destroy(domain)?,
             Step::RevertDisk(target) => {
@@ -203,6 +212,7 @@ impl Engine {
                 let host = self.host.as_ref();
                 let memory = &self.memory;
                 let journal = &self.journal;
+                let staged = self.staged.take().filter(|s| s.image() == image);
                 let (reader, mut writer) = std::io::pipe().map_err(|source| Error::Io {
                     op: "create pipe for memory restore",
                     path: self.state.clone(),
@@ -211,7 +221,10 @@ impl Engine {
                 let (restored, fed) = std::thread::scope(|s| {
                     let feeder = s.spawn(move || {
                         let mut progress = |n: u64| observer.bytes(n, total);
-                        memory.restore(journal, &image, &mut writer, &mut progress)
+                        match &staged {
+                            Some(staged) => staged.write_to(&mut writer, &mut progress),
+                            None => memory.restore(journal, &image, &mut writer, &mut progress),
+                        }
                         // `writer` drops here: the host sees the end of the stream.
                     });
                     let mut reader = reader;
@@ -235,6 +248,9 @@ impl Engine {
                         return Err(e);
                     }
                 };
+                // Memory is the snapshot's image now: the next checkpoint needs to read
+                // only what the guest writes from here on.
+                self.host.reset_dirty_pages(domain, snap.op)?;
                 detail.bytes_read = Some(written);
             }
             Step::SetRunState => {

@@ -205,7 +205,20 @@ impl Engine {
     /// into.
     pub fn gc(&mut self) -> Result<crate::memstore::GcReport> {
         self.require_writer()?;
-        Ok(self.memory.gc(&mut self.journal)?)
+        let mut live = BTreeSet::new();
+        for dc in self.journal.catalog()?.domains.values() {
+            for snap in dc.snapshots.values() {
+                live.extend(snap.memory_image.clone());
+            }
+        }
+        for op in self.journal.open_ops()? {
+            for event in self.journal.op_events(op)? {
+                if let journal::Event::StepDone { detail, .. } = event {
+                    live.extend(detail.image);
+                }
+            }
+        }
+        Ok(self.memory.collect(&mut self.journal, &live)?)
     }
 }
 

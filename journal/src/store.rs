@@ -199,6 +199,14 @@ impl Batch {
         self
     }
 
+    /// Bytes of keys and values of its table updates (what it adds to the journal besides
+    /// its events), for measurements.
+    pub fn table_bytes(&self) -> u64 {
+        let puts: usize = self.puts.iter().map(|(_, k, v)| k.len() + v.len()).sum();
+        let deletes: usize = self.deletes.iter().map(|(_, k)| k.len()).sum();
+        (puts + deletes) as u64
+    }
+
     /// Moves everything of `other` into this batch.
     pub fn extend(&mut self, other: Batch) -> &mut Batch {
         self.events.extend(other.events);
@@ -605,6 +613,33 @@ impl Journal {
             let (key, value) = item.map_err(db_err("read"))?;
             if !key.starts_with(prefix) {
                 break;
+            }
+            let v = record::decode(&value, || format!("{}/{key:02x?}", table.cf()))?;
+            out.push((key.to_vec(), v));
+        }
+        Ok(out)
+    }
+
+    /// Like [`Journal::scan`], for the entries whose key is `key_len` bytes long: a table
+    /// that holds records of several formats tells them apart by key length.
+    pub fn scan_len<T: serde::de::DeserializeOwned>(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        key_len: usize,
+    ) -> Result<Vec<(Vec<u8>, T)>> {
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(table.cf())?,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in it {
+            let (key, value) = item.map_err(db_err("read"))?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if key.len() != key_len {
+                continue;
             }
             let v = record::decode(&value, || format!("{}/{key:02x?}", table.cf()))?;
             out.push((key.to_vec(), v));

@@ -86,6 +86,15 @@ impl DomainInfo {
     }
 }
 
+/// Pages of a domain's memory written since the host's dirty-page log was last reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// What [`Host::reset_dirty_pages`] named the memory the log is relative to.
+    pub base: u64,
+    /// Indexes of the 4 KiB pages (of the memory stream) written since, ascending.
+    pub pages: Vec<u64>,
+}
+
 /// A Xen host: the domains on it, their run state, memory and disks.
 ///
 /// Every method is synchronous and returns only once its effect is complete. Methods named
@@ -113,6 +122,39 @@ pub trait Host {
     /// so that disk snapshots taken now match the saved memory. Returns the bytes written.
     /// If it fails, the domain is left paused or running, never destroyed.
     fn save_memory(&self, name: &str, sink: &mut dyn Write) -> Result<u64>;
+
+    /// The pages of the (paused) domain's memory stream written since
+    /// [`Host::reset_dirty_pages`], when the host tracks them and can read pages of the
+    /// stream one by one ([`Host::read_memory_pages`]); `None` otherwise (the default), or
+    /// when the log does not cover everything written (the domain booted or was restored
+    /// since the reset).
+    fn dirty_pages(&self, name: &str) -> Result<Option<DirtyPages>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Clears the dirty-page log of the (paused) domain and records `base` as what it is
+    /// now relative to. A no-op where the host does not track pages.
+    fn reset_dirty_pages(&self, name: &str, base: u64) -> Result<()> {
+        let _ = (name, base);
+        Ok(())
+    }
+
+    /// Pauses the domain (as [`Host::save_memory`] does) and gives `sink` the listed 4 KiB
+    /// pages of its memory stream, in the order listed (the last page may be shorter). Only
+    /// hosts whose save stream is raw memory have it.
+    fn read_memory_pages(
+        &self,
+        name: &str,
+        pages: &[u64],
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let _ = (name, pages, sink);
+        Err(Error::Invalid(format!(
+            "the {} host cannot read single pages of memory",
+            self.kind()
+        )))
+    }
 
     /// Ends the domain at once, discarding its memory, and returns only once its device model
     /// has released the disk images. Idempotent: Ok if already shut off.
@@ -240,6 +282,20 @@ impl<H: Host + ?Sized> Host for std::sync::Arc<H> {
     }
     fn destroy(&self, name: &str) -> Result<()> {
         (**self).destroy(name)
+    }
+    fn dirty_pages(&self, name: &str) -> Result<Option<DirtyPages>> {
+        (**self).dirty_pages(name)
+    }
+    fn reset_dirty_pages(&self, name: &str, base: u64) -> Result<()> {
+        (**self).reset_dirty_pages(name, base)
+    }
+    fn read_memory_pages(
+        &self,
+        name: &str,
+        pages: &[u64],
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        (**self).read_memory_pages(name, pages, sink)
     }
     fn restore_memory(&self, name: &str, source: &mut dyn Read) -> Result<()> {
         (**self).restore_memory(name, source)

@@ -48,6 +48,34 @@ pub enum Error {
     /// The index contradicts itself (a manifest names a missing chunk, a count underflows).
     #[error("memory store index is inconsistent: {0}")]
     Inconsistent(String),
+    /// The object store failed.
+    #[error("memory store")]
+    Store(#[from] store::Error),
+    /// A pack object is not a readable pack (damaged, truncated, or not a pack).
+    #[error("memory store: pack {object} is damaged: {why}")]
+    BadPack {
+        /// Its object name.
+        object: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A pack the index records is not in the store.
+    #[error("memory store: pack {0} is missing")]
+    MissingPack(String),
+    /// A manifest object cannot be read as one.
+    #[error("memory store: manifest {object} is damaged: {why}")]
+    BadManifest {
+        /// Its object name.
+        object: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A manifest an image needs is not in the store.
+    #[error("memory store: manifest {0} is missing")]
+    MissingManifest(String),
+    /// A failpoint fired (tests).
+    #[error("failpoint {0}")]
+    Failpoint(&'static str),
     /// An earlier write into the image writer failed; the image cannot be finished.
     #[error("the image writer failed earlier; the image is incomplete")]
     Poisoned,
@@ -56,7 +84,15 @@ pub enum Error {
 impl Error {
     /// Whether this is damage to stored data (as opposed to an I/O or index failure).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corruption { .. } | Error::ImageHash { .. })
+        matches!(
+            self,
+            Error::Corruption { .. }
+                | Error::ImageHash { .. }
+                | Error::BadPack { .. }
+                | Error::MissingPack(_)
+                | Error::BadManifest { .. }
+                | Error::MissingManifest(_)
+        )
     }
 }
 

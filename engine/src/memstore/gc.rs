@@ -1,338 +1,391 @@
-//! Garbage collection and the consistency check of the store against its index.
+//! Garbage collection by mark and sweep, and the consistency check of the store.
+//!
+//! There are no reference counts: an image is live while the catalog (or an open
+//! operation) names it, a manifest while a live image needs it (its own, and the chain of
+//! deltas below it), a chunk while a live image holds it, a pack while it holds a live
+//! chunk. gc deletes only what the index records (packs, images) or what an operation the
+//! journal knows left behind (a pack or manifest whose operation ended without naming it:
+//! a rolled-back create); an object the journal knows nothing about is reported, never
+//! deleted.
+//!
+//! Each pack is one step, crash-safe: a replacement pack (live chunks of a mostly-dead
+//! pack) is made durable before the index names it; the index stops naming a pack before
+//! the pack is deleted. A crash in between leaves an object the next gc recognises (its
+//! trailer names gc or an ended operation) and deletes.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, OpenOptions};
-use std::io::BufWriter;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use journal::{Batch, Journal, Table};
 
-use super::error::{io, Error, Result};
-use super::format::{self, ChunkEntry, ChunkId, ImageHead, PackEntry, Piece, GC_PACK};
+use super::error::{Error, Result};
+use super::format::{self, ChunkLoc, Id, ImageRecord, PackRecord, Slot};
+use super::manifest;
+use super::pack::{self, PackBuilder};
 use super::MemStore;
 
+/// The operation id gc writes into the packs it writes.
+pub const GC_OP: u64 = u64::MAX;
+
+/// A pack is rewritten when less than this share of its data (in 1/100) is live.
+const REWRITE_BELOW_PERCENT: u64 = 50;
+
 /// What [`MemStore::gc`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Chunk entries without references removed from the index.
+    /// Chunk entries removed from the index.
     pub chunks_removed: u64,
-    /// Disk space given back (pack bytes deleted minus pack bytes rewritten).
+    /// Disk space given back (bytes deleted minus bytes rewritten).
     pub bytes_freed: u64,
-    /// Pack files deleted (emptied, rewritten, or named by nothing).
+    /// Packs deleted (dead, rewritten, or left by an operation that ended without them).
     pub packs_removed: u64,
     /// Mostly-dead packs whose live chunks were copied to a new pack.
     pub packs_rewritten: u64,
+    /// Manifests deleted.
+    pub manifests_removed: u64,
+    /// Objects the journal knows nothing about, or cannot read: reported, never deleted.
+    pub unknown: Vec<String>,
 }
 
-/// A pack is rewritten when less than this share of it (in 1/100) is live.
-const REWRITE_BELOW_PERCENT: u64 = 50;
-
-#[derive(Debug, Default)]
-struct PackUse {
-    live: Vec<(ChunkId, ChunkEntry)>,
-    dead: Vec<ChunkId>,
-    live_bytes: u64,
+/// How the journal knows an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpState {
+    Open,
+    Ended,
+    Unknown,
 }
 
-fn chunk_id(key: &[u8]) -> Result<ChunkId> {
-    key.try_into()
-        .map_err(|_| Error::Inconsistent(format!("chunk key {key:02x?} is not 32 bytes")))
+fn op_state(journal: &Journal, op: u64) -> Result<OpState> {
+    if op == GC_OP {
+        return Ok(OpState::Ended);
+    }
+    Ok(match journal.op(op)? {
+        None => OpState::Unknown,
+        Some(_) if journal.open_ops()?.contains(&op) => OpState::Open,
+        Some(_) => OpState::Ended,
+    })
 }
 
-fn pack_id(key: &[u8]) -> Result<u64> {
-    let b: [u8; 8] = key
-        .try_into()
-        .map_err(|_| Error::Inconsistent(format!("pack key {key:02x?} is not 8 bytes")))?;
-    Ok(u64::from_be_bytes(b))
+/// The operation in a manifest's object name (`manifests/<state>/<op>`).
+fn manifest_op(object: &str) -> Option<u64> {
+    object.rsplit('/').next()?.parse().ok()
 }
 
 impl MemStore {
-    /// Removes chunks without references, deletes packs nothing live points into, and
-    /// rewrites packs that are mostly dead. Commits its own index updates, one pack at a
-    /// time: a replacement pack is synced before the commit that names it, an old pack is
-    /// deleted only after the commit that stops naming it. Pack files named by nothing are
-    /// deleted, except `op-<op>.pack` of an operation still open (its recovery decides).
-    pub fn gc(&self, journal: &mut Journal) -> Result<GcReport> {
-        let mut report = GcReport::default();
-        let mut packs: BTreeMap<u64, PackEntry> = BTreeMap::new();
-        for (key, entry) in journal.scan::<PackEntry>(Table::Packs, &[])? {
-            packs.insert(pack_id(&key)?, entry);
-        }
-        let open: BTreeSet<u64> = journal.open_ops()?.into_iter().collect();
-        let mut removed_orphans = false;
-        for (pack, path) in self.pack_files()? {
-            if packs.contains_key(&pack) || (pack & GC_PACK == 0 && open.contains(&pack)) {
+    /// Live chunks and live manifests of the images in `live` (format 2 only).
+    fn mark(
+        &self,
+        journal: &Journal,
+        live: &BTreeSet<String>,
+    ) -> Result<(HashSet<Id>, BTreeSet<String>)> {
+        let mut chunks = HashSet::new();
+        let mut manifests = BTreeSet::new();
+        for image in live {
+            let Some(id) = format::parse_id(image) else {
                 continue;
-            }
-            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&path).map_err(io("remove", &path))?;
-            report.bytes_freed += len;
-            report.packs_removed += 1;
-            removed_orphans = true;
-        }
-        if removed_orphans {
-            super::sync_dir(&self.packs)?;
-        }
-
-        let mut uses: BTreeMap<u64, PackUse> = BTreeMap::new();
-        for (key, entry) in journal.scan::<ChunkEntry>(Table::Chunks, &[])? {
-            let id = chunk_id(&key)?;
-            let u = uses.entry(entry.pack).or_default();
-            if entry.refs == 0 {
-                u.dead.push(id);
-            } else {
-                u.live_bytes += format::RECORD_HEADER + u64::from(entry.len);
-                u.live.push((id, entry));
-            }
-        }
-        if let Some(pack) = uses.keys().find(|p| !packs.contains_key(p)) {
-            return Err(Error::Inconsistent(format!(
-                "chunks point into pack {}, which the index does not know",
-                format::pack_file_name(*pack)
-            )));
-        }
-        let mut next_gc = packs
-            .keys()
-            .filter(|p| *p & GC_PACK != 0)
-            .map(|p| (p & !GC_PACK) + 1)
-            .max()
-            .unwrap_or(0);
-
-        for (pack, entry) in packs {
-            let u = uses.remove(&pack).unwrap_or_default();
-            let mut batch = Batch::new();
-            for id in &u.dead {
-                batch.delete(Table::Chunks, &format::chunk_key(id));
-            }
-            let old_path = self.pack_path(pack);
-            let rewrite = !u.live.is_empty()
-                && u.live_bytes * 100
-                    < entry.bytes.saturating_sub(format::PACK_HEADER) * REWRITE_BELOW_PERCENT;
-            let delete_old = u.live.is_empty() || rewrite;
-            if u.dead.is_empty() && !delete_old {
+            };
+            let Some(rec) = journal.get::<ImageRecord>(Table::Images, &format::image_key(&id))?
+            else {
                 continue;
+            };
+            let mut next = Some(rec.manifest.clone());
+            while let Some(object) = next {
+                let data = self
+                    .objects
+                    .get(&object)?
+                    .ok_or_else(|| Error::MissingManifest(object.clone()))?;
+                next = manifest::decode(&object, &data)?.parent;
+                manifests.insert(object);
             }
-            let mut written = 0;
-            if rewrite {
-                let new_pack = GC_PACK | next_gc;
-                next_gc += 1;
-                let (new_entry, moved) = self.copy_live(pack, new_pack, &u.live)?;
-                written = new_entry.bytes;
-                for (id, e) in moved {
-                    batch.put(Table::Chunks, &format::chunk_key(&id), &e)?;
+            let (img, _, _) = manifest::load(self.objects.as_ref(), &rec.manifest)?;
+            for s in img.slots {
+                if let Slot::Chunk { id, .. } = s {
+                    chunks.insert(id);
                 }
-                batch.put(Table::Packs, &format::pack_key(new_pack), &new_entry)?;
+            }
+        }
+        Ok((chunks, manifests))
+    }
+
+    /// Deletes what no live image needs (see the module documentation). `live`: every
+    /// image the catalog and the open operations name.
+    pub fn gc(&self, journal: &mut Journal, live: &BTreeSet<String>) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let (live_chunks, live_manifests) = self.mark(journal, live)?;
+        let mut records: BTreeMap<Id, PackRecord> = BTreeMap::new();
+        for (key, rec) in journal.scan_len::<PackRecord>(Table::Packs, b"p", 9)? {
+            if key.len() == 9 {
+                records.insert(rec.name, rec);
+            }
+        }
+        let present: BTreeMap<String, u64> = self
+            .objects
+            .list("packs/")?
+            .into_iter()
+            .map(|m| (m.name, m.len))
+            .collect();
+
+        // Packs nothing in the index names.
+        for (object, len) in &present {
+            let Some(name) = format::parse_pack_object(object) else {
+                continue; // format 1 packs (`op-N.pack`) are the v1 collector's
+            };
+            if records.contains_key(&name) {
+                continue;
+            }
+            let op = match pack::read_trailer(self.objects.as_ref(), object, Some(&name)) {
+                Ok(t) => t.op,
+                Err(_) => {
+                    report
+                        .unknown
+                        .push(format!("{object}: not a readable pack"));
+                    continue;
+                }
+            };
+            match op_state(journal, op)? {
+                OpState::Open => {}
+                OpState::Ended => {
+                    self.objects.delete(object)?;
+                    report.packs_removed += 1;
+                    report.bytes_freed += len;
+                }
+                OpState::Unknown => report.unknown.push(format!(
+                    "{object}: written by operation {op}, which the journal does not know"
+                )),
+            }
+        }
+
+        // Indexed packs: dead ones go, mostly-dead ones are rewritten.
+        for (name, rec) in &records {
+            let object = format::pack_object(name);
+            if !present.contains_key(&object) {
+                continue; // missing: `verify` reports it; the next create stores its chunks again
+            }
+            let key = format::pack_key_of(name);
+            let trailer = pack::read_trailer(self.objects.as_ref(), &object, Some(name))?;
+            let mut live_entries = Vec::new();
+            let mut dead_entries = Vec::new();
+            let mut live_bytes = 0u64;
+            for e in trailer.entries {
+                let loc: Option<ChunkLoc> =
+                    journal.get(Table::Chunks, &format::chunk_key(&e.id))?;
+                let indexed_here = loc.is_some_and(|l| l.pack == key && l.offset == e.offset);
+                if indexed_here && live_chunks.contains(&e.id) {
+                    live_bytes += u64::from(e.len);
+                    live_entries.push(e);
+                } else if indexed_here {
+                    dead_entries.push(e);
+                }
+            }
+            let data_bytes = rec.len.saturating_sub(
+                (format::PACK_HEADER + format::PACK_FOOTER) as u64
+                    + u64::from(rec.chunks) * format::TRAILER_ENTRY as u64,
+            );
+            let rewrite =
+                !live_entries.is_empty() && live_bytes * 100 < data_bytes * REWRITE_BELOW_PERCENT;
+            if !live_entries.is_empty() && !rewrite {
+                continue;
+            }
+            let mut batch = Batch::new();
+            for e in &dead_entries {
+                batch.delete(Table::Chunks, &format::chunk_key(&e.id));
+            }
+            let mut written = 0u64;
+            if rewrite {
+                let mut out = PackBuilder::new(Vec::with_capacity(live_bytes as usize + (1 << 20)));
+                let mut buf = Vec::new();
+                for e in &live_entries {
+                    buf.resize(e.len as usize, 0);
+                    self.objects
+                        .read_at(&object, u64::from(e.offset), &mut buf)?;
+                    if blake3::hash(&buf).as_bytes() != &e.id {
+                        return Err(Error::Corruption {
+                            image: String::new(),
+                            chunk: format::hex(&e.id),
+                            pack: object.clone().into(),
+                            offset: u64::from(e.offset),
+                            why: "found while gc copied live chunks".into(),
+                        });
+                    }
+                    out.push(&e.id, &buf)?;
+                }
+                let (data, new_name, entries) = out.finish(GC_OP)?;
+                let new_object = format::pack_object(&new_name);
+                self.objects.put(&new_object, &data)?;
+                self.objects.flush()?;
+                fail::fail_point!("engine::memstore::gc::after-rewrite", |_| Err(
+                    Error::Failpoint("engine::memstore::gc::after-rewrite")
+                ));
+                let new_key = format::pack_key_of(&new_name);
+                for e in &entries {
+                    batch.put(
+                        Table::Chunks,
+                        &format::chunk_key(&e.id),
+                        &ChunkLoc {
+                            pack: new_key,
+                            offset: e.offset,
+                            len: e.len,
+                        },
+                    )?;
+                }
+                batch.put(
+                    Table::Packs,
+                    &format::pack_index_key(new_key),
+                    &PackRecord {
+                        name: new_name,
+                        len: data.len() as u64,
+                        chunks: entries.len() as u32,
+                        op: GC_OP,
+                    },
+                )?;
+                written = data.len() as u64;
                 report.packs_rewritten += 1;
             }
-            if delete_old {
-                batch.delete(Table::Packs, &format::pack_key(pack));
-            }
+            batch.delete(Table::Packs, &format::pack_index_key(key));
             journal.commit(batch)?;
             fail::fail_point!("engine::memstore::gc::after-commit", |_| Err(
-                super::writer::failpoint("engine::memstore::gc::after-commit", &old_path)
+                Error::Failpoint("engine::memstore::gc::after-commit")
             ));
-            report.chunks_removed += u.dead.len() as u64;
-            if delete_old {
-                match fs::remove_file(&old_path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("remove", &old_path)(e)),
+            self.objects.delete(&object)?;
+            report.chunks_removed += dead_entries.len() as u64;
+            report.packs_removed += 1;
+            report.bytes_freed += rec.len.saturating_sub(written);
+        }
+
+        // Manifests and image records no live image needs.
+        let mut by_manifest: HashMap<String, Vec<Id>> = HashMap::new();
+        for (key, rec) in journal.scan_len::<ImageRecord>(Table::Images, b"i", 33)? {
+            if key.len() == 33 {
+                let mut id = [0u8; 32];
+                id.copy_from_slice(&key[1..]);
+                by_manifest.entry(rec.manifest).or_default().push(id);
+            }
+        }
+        let live_ids: HashSet<Id> = live.iter().filter_map(|i| format::parse_id(i)).collect();
+        for meta in self.objects.list("manifests/")? {
+            let object = meta.name;
+            if live_manifests.contains(&object) {
+                continue;
+            }
+            let ours = object
+                .strip_prefix("manifests/")
+                .and_then(|r| r.split_once('/'))
+                .is_some_and(|(state, _)| state == self.state);
+            let state = match manifest_op(&object) {
+                Some(op) if ours => op_state(journal, op)?,
+                _ => OpState::Unknown,
+            };
+            match state {
+                OpState::Open => {}
+                OpState::Unknown => report.unknown.push(format!(
+                    "{object}: a manifest of an operation the journal does not know"
+                )),
+                OpState::Ended => {
+                    let mut batch = Batch::new();
+                    for id in by_manifest.remove(&object).unwrap_or_default() {
+                        if !live_ids.contains(&id) {
+                            batch.delete(Table::Images, &format::image_key(&id));
+                        }
+                    }
+                    journal.commit(batch)?;
+                    self.objects.delete(&object)?;
+                    report.manifests_removed += 1;
+                    report.bytes_freed += meta.len;
                 }
-                super::sync_dir(&self.packs)?;
-                report.packs_removed += 1;
-                report.bytes_freed += entry.bytes.saturating_sub(written);
             }
         }
         Ok(report)
     }
 
-    /// Copies the live chunks of `pack` (each checked against its id) into the new pack
-    /// `new_pack`, made durable; returns its entry and the chunks' new locations.
-    fn copy_live(
-        &self,
-        pack: u64,
-        new_pack: u64,
-        live: &[(ChunkId, ChunkEntry)],
-    ) -> Result<(PackEntry, Vec<(ChunkId, ChunkEntry)>)> {
-        let old_path = self.pack_path(pack);
-        let new_path = self.pack_path(new_pack);
-        let old = fs::File::open(&old_path).map_err(io("open", &old_path))?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&new_path)
-            .map_err(io("create", &new_path))?;
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io("set mode of", &new_path))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        format::write_pack_header(&mut out, new_pack).map_err(io("write", &new_path))?;
-        let mut len = format::PACK_HEADER;
-        let mut sorted: Vec<&(ChunkId, ChunkEntry)> = live.iter().collect();
-        sorted.sort_by_key(|(_, e)| e.offset);
-        let mut moved = Vec::with_capacity(live.len());
-        let mut buf = vec![0u8; format::CHUNK_MAX];
-        for (id, entry) in sorted {
-            let data = buf.get_mut(..entry.len as usize).ok_or_else(|| {
-                Error::Inconsistent(format!("chunk {} too long", format::hex(id)))
-            })?;
-            old.read_exact_at(data, entry.offset)
-                .map_err(io("read", &old_path))?;
-            if blake3::hash(data).as_bytes() != id {
-                return Err(Error::Corruption {
-                    image: String::new(),
-                    chunk: format::hex(id),
-                    pack: old_path,
-                    offset: entry.offset,
-                    why: "found while gc copied live chunks".into(),
-                });
-            }
-            let offset = len + format::RECORD_HEADER;
-            len += format::write_record(&mut out, id, data).map_err(io("write", &new_path))?;
-            moved.push((
-                *id,
-                ChunkEntry {
-                    pack: new_pack,
-                    offset,
-                    ..*entry
-                },
-            ));
+    /// Deletes what operation `op` put into the store if the index does not name it: the
+    /// roll-back of a create whose image was never recorded. Idempotent.
+    pub fn abandon(&self, journal: &Journal, op: u64) -> Result<()> {
+        let object = format::manifest_object(&self.state, op);
+        let named = journal
+            .scan_len::<ImageRecord>(Table::Images, b"i", 33)?
+            .into_iter()
+            .any(|(_, r)| r.manifest == object);
+        if !named {
+            self.objects.delete(&object)?;
         }
-        let file = out
-            .into_inner()
-            .map_err(|e| io("write", &new_path)(e.into_error()))?;
-        file.sync_all().map_err(io("sync", &new_path))?;
-        super::sync_dir(&self.packs)?;
-        let entry = PackEntry {
-            bytes: len,
-            chunks: moved.len() as u64,
-        };
-        Ok((entry, moved))
-    }
-
-    /// Pack files in the directory, by pack id.
-    fn pack_files(&self) -> Result<Vec<(u64, std::path::PathBuf)>> {
-        let mut out = Vec::new();
-        for item in fs::read_dir(&self.packs).map_err(io("list", &self.packs))? {
-            let item = item.map_err(io("list", &self.packs))?;
-            if let Some(pack) = item.file_name().to_str().and_then(format::parse_pack_name) {
-                out.push((pack, item.path()));
+        for meta in self.objects.list("packs/")? {
+            let Some(name) = format::parse_pack_object(&meta.name) else {
+                continue;
+            };
+            let key = format::pack_index_key(format::pack_key_of(&name));
+            if journal.get::<PackRecord>(Table::Packs, &key)?.is_some() {
+                continue;
+            }
+            if let Ok(t) = pack::read_trailer(self.objects.as_ref(), &meta.name, Some(&name)) {
+                if t.op == op {
+                    self.objects.delete(&meta.name)?;
+                }
             }
         }
-        out.sort();
-        Ok(out)
+        self.abandon_v1(journal, op)
     }
 
-    /// Compares the store with what should be in it: `referenced` maps each image the
-    /// catalog holds to its number of holders. Lists every difference: an image's holder
-    /// count, a chunk's reference count against the manifests, missing or short packs,
-    /// pack files the index does not know (including the pack of an ingest still in
-    /// progress or waiting for recovery). Reads the index and file sizes, not chunk data
-    /// (that is [`MemStore::verify`]).
-    pub fn check(
-        &self,
-        journal: &Journal,
-        referenced: &BTreeMap<String, u64>,
-    ) -> Result<Vec<String>> {
+    /// Lists every inconsistency of the format-2 store: images whose manifests cannot be
+    /// read, packs the index records that are missing or shorter than recorded, chunks in
+    /// packs the index does not know, objects nothing names. Reads the index, the manifests
+    /// and object lengths, not chunk data (that is [`MemStore::verify`]).
+    pub(crate) fn check_v2(&self, journal: &Journal) -> Result<Vec<String>> {
         let mut problems = Vec::new();
-        let mut counts: BTreeMap<ChunkId, u64> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for (key, head) in journal.scan::<ImageHead>(Table::Images, b"h")? {
-            let id = chunk_id(key.get(1..).unwrap_or_default())?;
-            let image = format::hex(&id);
-            let expected = referenced.get(&image).copied().unwrap_or(0);
-            if head.refs != expected {
-                problems.push(format!(
-                    "image {image} has {} holders in the store, {expected} expected",
-                    head.refs
-                ));
+        let mut manifests = BTreeSet::new();
+        for (key, rec) in journal.scan_len::<ImageRecord>(Table::Images, b"i", 33)? {
+            if key.len() != 33 {
+                continue;
             }
-            let mut bytes = 0u64;
-            let mut pieces = 0u64;
-            for segment in 0..head.segments {
-                let Some(part) =
-                    journal.get::<Vec<Piece>>(Table::Images, &format::segment_key(&id, segment))?
-                else {
-                    problems.push(format!("image {image} lacks manifest segment {segment}"));
-                    continue;
-                };
-                for piece in part {
-                    bytes += piece.bytes();
-                    pieces += 1;
-                    if let Piece::Data { id, .. } = piece {
-                        *counts.entry(id).or_default() += 1;
-                    }
+            let image = format::hex(key[1..].try_into().unwrap_or(&[0u8; 32]));
+            match manifest::load(self.objects.as_ref(), &rec.manifest) {
+                Ok((img, _, _)) if format::hex(&img.id) == image => {}
+                Ok(_) => problems.push(format!(
+                    "image {image}: its manifest {} holds another image",
+                    rec.manifest
+                )),
+                Err(e) => {
+                    problems.push(format!("image {image}: {}", crate::engine::error_chain(&e)))
                 }
             }
-            if bytes != head.bytes || pieces != head.pieces {
-                problems.push(format!(
-                    "image {image}: manifest covers {bytes} bytes in {pieces} pieces, head says {} in {}",
-                    head.bytes, head.pieces
-                ));
-            }
-            seen.insert(image);
+            manifests.insert(rec.manifest);
         }
-        for (image, n) in referenced {
-            if *n > 0 && !seen.contains(image) {
-                problems.push(format!("image {image} is held {n} times but not stored"));
+        let present: BTreeMap<String, u64> = self
+            .objects
+            .list("packs/")?
+            .into_iter()
+            .map(|m| (m.name, m.len))
+            .collect();
+        let mut known = HashSet::new();
+        for (key, rec) in journal.scan_len::<PackRecord>(Table::Packs, b"p", 9)? {
+            if key.len() != 9 {
+                continue;
             }
-        }
-
-        let mut packs: BTreeMap<u64, PackEntry> = BTreeMap::new();
-        for (key, entry) in journal.scan::<PackEntry>(Table::Packs, &[])? {
-            packs.insert(pack_id(&key)?, entry);
-        }
-        let mut sizes: BTreeMap<u64, Option<u64>> = BTreeMap::new();
-        for (pack, entry) in &packs {
-            let path = self.pack_path(*pack);
-            let size = fs::metadata(&path).ok().map(|m| m.len());
-            match size {
-                None => problems.push(format!("pack {} is missing", path.display())),
-                Some(s) if s < entry.bytes => problems.push(format!(
-                    "pack {} is {s} bytes long, {} expected",
-                    path.display(),
-                    entry.bytes
-                )),
-                Some(_) => {}
-            }
-            sizes.insert(*pack, size);
-        }
-        for (key, entry) in journal.scan::<ChunkEntry>(Table::Chunks, &[])? {
-            let id = chunk_id(&key)?;
-            let expected = counts.remove(&id).unwrap_or(0);
-            if entry.refs != expected {
-                problems.push(format!(
-                    "chunk {} has {} references, the manifests hold {expected}",
-                    format::hex(&id),
-                    entry.refs
-                ));
-            }
-            match sizes.get(&entry.pack) {
+            let object = format::pack_object(&rec.name);
+            known.insert(format::pack_key_of(&rec.name));
+            match present.get(&object) {
                 None => problems.push(format!(
-                    "chunk {} is in pack {}, which the index does not know",
-                    format::hex(&id),
-                    format::pack_file_name(entry.pack)
+                    "pack {object} is missing (the next checkpoint of each domain that needs it stores its chunks again)"
                 )),
-                Some(Some(size)) if entry.offset + u64::from(entry.len) > *size => {
-                    problems.push(format!(
-                        "chunk {} ends past the end of pack {}",
-                        format::hex(&id),
-                        format::pack_file_name(entry.pack)
-                    ))
-                }
+                Some(len) if *len < rec.len => problems.push(format!(
+                    "pack {object} is {len} bytes long, {} expected",
+                    rec.len
+                )),
                 Some(_) => {}
             }
         }
-        for (id, n) in counts {
-            problems.push(format!(
-                "chunk {} is named {n} times by manifests but missing from the index",
-                format::hex(&id)
-            ));
+        for (key, loc) in journal.scan_len::<ChunkLoc>(Table::Chunks, b"c", 33)? {
+            if key.len() == 33 && !known.contains(&loc.pack) {
+                problems.push(format!(
+                    "chunk {} is in pack {:016x}, which the index does not know",
+                    format::hex(key[1..].try_into().unwrap_or(&[0u8; 32])),
+                    loc.pack
+                ));
+            }
         }
-        for (pack, path) in self.pack_files()? {
-            if !packs.contains_key(&pack) {
-                problems.push(format!("pack file {} is named by nothing", path.display()));
+        for object in present.keys() {
+            if let Some(name) = format::parse_pack_object(object) {
+                if !known.contains(&format::pack_key_of(&name)) {
+                    problems.push(format!("pack {object} is named by nothing in the index"));
+                }
             }
         }
         Ok(problems)

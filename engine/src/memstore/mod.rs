@@ -1,85 +1,82 @@
-//! Content-addressed store of memory images (the `xl save` streams of checkpoints).
+//! The memory image store: checkpoints' memory, cut into page-aware chunks, deduplicated
+//! against the parent checkpoint first, packed into content-addressed objects of an
+//! [`store::ObjectStore`].
 //!
-//! An image is cut into chunks by FastCDC v2020 (16 KiB min / 64 KiB avg / 256 KiB max).
-//! A chunk is named by its BLAKE3 hash and stored once; chunks that are all zero are not
-//! stored at all (the manifest records their length). An image is named by the BLAKE3 of
-//! the whole stream. New chunks of one ingest are appended to one pack file
-//! `<dir>/packs/op-<op>.pack`; the index (which chunk is where, each image's manifest, the
-//! reference counts) lives in the journal ([`journal::Table`]) — see [`format`] for both
-//! layouts.
+//! # How an image is stored
 //!
-//! # Why content-defined chunks
+//! - **Cut** ([`cut`]): raw memory in 4 KiB pages; an `xl save` stream parsed so that each
+//!   page of guest memory is one chunk and its framing other chunks; anything else
+//!   content-defined. Restore re-emits the stream byte for byte.
+//! - **Deduplicated** slot by slot against the parent checkpoint's image first (no index
+//!   lookup for a page that did not change), then against the chunks new in this image,
+//!   then against the chunk index. Zero chunks are never stored. A chunk is reused only if
+//!   the pack that holds it is present in the store and as long as the index recorded:
+//!   chunks of a lost pack are stored again, so taking the checkpoint again repairs it.
+//! - **Packed**: new chunks go into packs of ~16 MiB, objects named by the BLAKE3 of their
+//!   trailer, which lists every chunk — the chunk index can be rebuilt from the packs.
+//! - **Described** by a manifest object per checkpoint, `manifests/<state id>/<op>`, a
+//!   delta against the parent's manifest (chain ≤ 8) or full ([`format`]).
+//! - **Indexed** in the journal's tables (chunk locations, packs, images), committed with
+//!   the step that records the image, so the index never disagrees with the log.
 //!
-//! Measured by `cargo bench -p benches --bench memstore` (its `chunking` lines): a 64 MiB
-//! memory-like image saved twice with 16 random pages changed, bytes newly stored by the
-//! second save:
+//! No reference counts: [`MemStore::gc`] is mark and sweep from the images the catalog
+//! names. Format-1 stores (the first release: `packs/op-<op>.pack` files, reference-counted
+//! index) stay readable ([`v1`]).
 //!
-//! | stream                                   | FastCDC 16/64/256 KiB | fixed 64 KiB, page-aligned |
-//! |------------------------------------------|-----------------------|----------------------------|
-//! | raw memory file                          | 2.2 MiB               | 1.0 MiB                    |
-//! | `xl save`-like stream, same header       | 2.2 MiB               | 1.1 MiB                    |
-//! | `xl save`-like stream, header 3 B longer | 2.3 MiB               | 53.4 MiB (everything)      |
+//! # Durability: capture, then seal
 //!
-//! Fixed chunks store half as much while every byte stays at its offset, and everything
-//! once anything before it shifts: the `xl` header carries the domain's JSON config, whose
-//! length changes with the config. FastCDC costs ~2 changed chunks per changed page and is
-//! immune to shifts; it is the choice.
-//!
-//! # Durability and atomicity
-//!
-//! - Nothing here commits to the journal except [`MemStore::gc`]. Ingest, [`MemStore::add_ref`]
-//!   and [`MemStore::release`] return a [`journal::Batch`] that the engine commits together
-//!   with its step events, so the index never disagrees with the log.
-//! - A pack file is `sync_all`ed and its directory fsynced in [`ImageWriter::finish`],
-//!   before the batch that names it is returned. After a crash before that batch commits,
-//!   the pack is named by nothing: [`MemStore::abandon`] (or the next gc) deletes it.
-//! - **Each returned batch must be committed (or dropped) before the next call that builds
-//!   one.** Batches carry absolute reference counts read from the journal; two batches built
-//!   from the same journal state would each add their own +1 to the same old count.
-//! - gc writes replacement packs and syncs them before it commits the index update that
-//!   points at them, and deletes old packs only after that commit; every crash in between
-//!   leaves at most an unnamed pack file, which the next gc removes.
-//!
-//! Files that hold guest memory are created mode 0600, directories 0700.
+//! [`MemStore::capture`] reads the stream and puts every new pack into the object store
+//! without waiting for it to be durable: the domain's pause can end as soon as its memory
+//! is read. [`MemStore::seal`] then flushes the packs, writes the manifest (flushed too)
+//! and returns the index updates, to be committed with the step that records the image.
+//! Nothing names a pack or manifest before it is durable. After a crash before that commit,
+//! the packs and manifest of the operation are named by nothing: [`MemStore::abandon`]
+//! (the create's roll-back) or the next gc deletes them, recognising them by the
+//! operation recorded in them.
 //!
 //! # Cost
 //!
-//! Ingest and restore stream: memory is a few MiB of buffers plus what grows with the
-//! number of chunks (the manifest, ~40 bytes a chunk, and one entry per distinct chunk),
-//! about 0.2% of the image. The whole-image hash runs on a second thread; chunking, chunk
-//! hashing and one index lookup per chunk run on the caller's. `cargo bench -p benches
-//! --bench memstore` compares ingest and restore with a plain file copy.
+//! Capture runs on three threads (the caller's, a hasher, a pack writer) with bounded
+//! queues: ~64 MiB of buffers, plus the image's slots (40 bytes per 4 KiB page, ~1%), the
+//! parent's slots, and ~100 bytes per new chunk. Restore reads each pack's chunks in
+//! offset order on a reader thread while the caller checks them ([`read`]).
+//!
+//! Files that hold guest memory are created mode 0600, directories 0700.
 #![warn(missing_docs)]
 
+pub mod cut;
 mod error;
 pub mod format;
 mod gc;
-mod reader;
-mod whole;
-mod writer;
+mod ingest;
+mod manifest;
+mod pack;
+mod read;
+pub mod v1;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use journal::{Batch, Journal, Table};
+use store::{LocalStore, ObjectStore};
 
 pub use error::{Error, Result};
-pub use gc::GcReport;
-pub use writer::{ImageWriter, Ingested};
+pub use gc::{GcReport, GC_OP};
+pub use ingest::{CaptureStats, Captured, Sealed};
+pub use read::{stage_limit, Staged};
 
-use error::io;
-use format::{ChunkEntry, ChunkId, ImageHead, PackEntry, Piece};
-
-/// The memory image store in one directory (`<state>/memory`).
+/// The memory image store.
 #[derive(Debug)]
 pub struct MemStore {
-    dir: PathBuf,
-    packs: PathBuf,
+    objects: Arc<dyn ObjectStore>,
+    /// Names this state directory's manifests (`manifests/<state>/<op>`).
+    state: String,
+    /// Where format-1 pack files are (`<dir>/packs`).
+    v1_packs: PathBuf,
 }
 
 /// Sizes for `list` and `gc` output.
@@ -89,163 +86,82 @@ pub struct Stats {
     pub images: u64,
     /// Sum of their lengths.
     pub image_bytes: u64,
-    /// Chunks in the index (including those waiting for gc).
-    pub chunks: u64,
-    /// Sum of their lengths.
-    pub chunk_bytes: u64,
-    /// Chunks no manifest names (freed by the next gc).
-    pub dead_chunks: u64,
-    /// Pack files in the index.
+    /// Packs in the index.
     pub packs: u64,
-    /// Sum of the pack file lengths: what the store takes on disk.
+    /// Sum of their lengths: what the store takes.
     pub pack_bytes: u64,
 }
 
+/// The state name used for manifests until the state directory has an identity.
+pub const DEFAULT_STATE: &str = "00000000000000000000000000000000";
+
 impl MemStore {
-    /// Opens the store in `dir`, creating it (mode 0700) if needed.
-    pub fn open(dir: &Path) -> Result<MemStore> {
-        let packs = dir.join("packs");
-        for d in [dir, packs.as_path()] {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .map_err(io("create directory", d))?;
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-                .map_err(io("set mode of", d))?;
-        }
-        sync_dir(dir)?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-        Ok(MemStore {
-            dir: dir.to_path_buf(),
-            packs,
-        })
+    /// Opens the store in directory `dir` (a [`LocalStore`]; created mode 0700 unless
+    /// `read_only`). `state` names this state directory's manifests.
+    pub fn open(dir: &Path, state: &str, read_only: bool) -> Result<MemStore> {
+        let objects = LocalStore::open(dir, read_only)?;
+        Ok(MemStore::with_objects(Arc::new(objects), dir, state))
     }
 
-    /// The store's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Path of a pack file.
-    pub(crate) fn pack_path(&self, pack: u64) -> PathBuf {
-        self.packs.join(format::pack_file_name(pack))
-    }
-
-    /// Starts ingesting an image for operation `op`; new chunks go to `packs/op-<op>.pack`.
-    /// See [`ImageWriter`].
-    pub fn writer<'j>(&self, journal: &'j Journal, op: u64) -> Result<ImageWriter<'j>> {
-        if op & format::GC_PACK != 0 {
-            return Err(Error::Inconsistent(format!(
-                "operation id {op} is out of range"
-            )));
-        }
-        if journal
-            .get::<PackEntry>(Table::Packs, &format::pack_key(op))?
-            .is_some()
-        {
-            return Err(Error::Inconsistent(format!(
-                "operation {op} already has a committed pack"
-            )));
-        }
-        Ok(ImageWriter::new(journal, self.pack_path(op), op))
-    }
-
-    /// Deletes `packs/op-<op>.pack` unless the index names it: the rollback of an ingest
-    /// whose batch never committed. Idempotent.
-    pub fn abandon(&self, journal: &Journal, op: u64) -> Result<()> {
-        if journal
-            .get::<PackEntry>(Table::Packs, &format::pack_key(op))?
-            .is_some()
-        {
-            return Ok(());
-        }
-        let path = self.pack_path(op);
-        match fs::remove_file(&path) {
-            Ok(()) => sync_dir(&self.packs),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("remove", &path)(e)),
+    /// The store on `objects`; `dir` is where format-1 pack files would be.
+    pub fn with_objects(objects: Arc<dyn ObjectStore>, dir: &Path, state: &str) -> MemStore {
+        MemStore {
+            objects,
+            state: state.to_string(),
+            v1_packs: dir.join("packs"),
         }
     }
 
-    /// A batch that adds one holder to `image`. Commit it before the next call that builds
-    /// a batch.
-    pub fn add_ref(&self, journal: &Journal, image: &str) -> Result<Batch> {
-        let id = image_id(image)?;
-        let mut head = load_head(journal, image, &id)?;
-        head.refs += 1;
-        let mut batch = Batch::new();
-        batch.put(Table::Images, &format::head_key(&id), &head)?;
-        Ok(batch)
+    /// The object store.
+    pub fn objects(&self) -> &dyn ObjectStore {
+        self.objects.as_ref()
     }
 
-    /// A batch that removes one holder from `image`. When none is left, the manifest is
-    /// removed and every chunk it names loses one reference per occurrence; chunks left
-    /// without references stay on disk until [`MemStore::gc`]. Commit it before the next
-    /// call that builds a batch.
+    /// A batch that drops one holder of `image`. Format 2 keeps no counts (gc marks from the
+    /// catalog), so the batch is empty; a format-1 image loses a reference. Commit it
+    /// before the next call that builds a batch.
     pub fn release(&self, journal: &Journal, image: &str) -> Result<Batch> {
-        let id = image_id(image)?;
-        let mut head = load_head(journal, image, &id)?;
-        let mut batch = Batch::new();
-        head.refs = head
-            .refs
-            .checked_sub(1)
-            .ok_or_else(|| Error::Inconsistent(format!("image {image} has no holder")))?;
-        if head.refs > 0 {
-            batch.put(Table::Images, &format::head_key(&id), &head)?;
-            return Ok(batch);
+        if self.has_v1(journal, image)? {
+            return self.release_v1(journal, image);
         }
-        let mut counts: BTreeMap<ChunkId, u64> = BTreeMap::new();
-        for segment in 0..head.segments {
-            for piece in load_segment(journal, image, &id, segment)? {
-                if let Piece::Data { id, .. } = piece {
-                    *counts.entry(id).or_default() += 1;
-                }
-            }
-            batch.delete(Table::Images, &format::segment_key(&id, segment));
-        }
-        batch.delete(Table::Images, &format::head_key(&id));
-        for (chunk, n) in counts {
-            let key = format::chunk_key(&chunk);
-            let mut entry: ChunkEntry = journal.get(Table::Chunks, &key)?.ok_or_else(|| {
-                Error::Inconsistent(format!(
-                    "image {image} names chunk {} missing from the index",
-                    format::hex(&chunk)
-                ))
-            })?;
-            entry.refs = entry.refs.checked_sub(n).ok_or_else(|| {
-                Error::Inconsistent(format!(
-                    "chunk {} has {} references, image {image} holds {n}",
-                    format::hex(&chunk),
-                    entry.refs
-                ))
-            })?;
-            batch.put(Table::Chunks, &key, &entry)?;
-        }
-        Ok(batch)
+        Ok(Batch::new())
     }
 
-    /// Whether `image` is stored, and its length and holder count.
-    pub fn image(&self, journal: &Journal, image: &str) -> Result<Option<(u64, u64)>> {
+    /// The length of `image`, if it is stored.
+    pub fn image(&self, journal: &Journal, image: &str) -> Result<Option<u64>> {
         let Some(id) = format::parse_id(image) else {
             return Ok(None);
         };
-        let head: Option<ImageHead> = journal.get(Table::Images, &format::head_key(&id))?;
-        Ok(head.map(|h| (h.bytes, h.refs)))
+        if let Some(r) =
+            journal.get::<format::ImageRecord>(Table::Images, &format::image_key(&id))?
+        {
+            return Ok(Some(r.bytes));
+        }
+        let head: Option<v1::format::ImageHead> =
+            journal.get(Table::Images, &v1::format::head_key(&id))?;
+        Ok(head.map(|h| h.bytes))
     }
 
-    /// Reads every chunk of `image` and checks it against its id, then the whole-image
-    /// hash. Returns the image length.
+    /// Reads every chunk of `image` and checks it. Returns the image length.
     pub fn verify(&self, journal: &Journal, image: &str) -> Result<u64> {
-        reader::read_image(self, journal, image, None, &mut |_| {})
+        if self.has_v1(journal, image)? {
+            return self.verify_v1(journal, image);
+        }
+        self.verify_v2(journal, image)
     }
 
-    /// Writes `image` into `sink`. Every chunk is checked against its id before it is
-    /// written (a bad chunk fails with [`Error::Corruption`] and nothing after it is
-    /// written); the whole-image hash is checked at the end. `progress` gets the bytes
-    /// written so far. Returns the image length.
+    /// Reads and checks `image` once and keeps it in memory (see [`read`]).
+    pub fn stage_image(&self, journal: &Journal, image: &str) -> Result<Staged> {
+        if self.has_v1(journal, image)? {
+            let mut data = Vec::new();
+            self.restore_v1(journal, image, &mut data, &mut |_| {})?;
+            return Ok(Staged::new(image, data));
+        }
+        self.stage(journal, image)
+    }
+
+    /// Writes `image` into `sink`, every chunk checked before it is written (a bad chunk
+    /// fails with [`Error::Corruption`]). `progress` gets the bytes written so far.
     pub fn restore(
         &self,
         journal: &Journal,
@@ -253,52 +169,70 @@ impl MemStore {
         sink: &mut dyn std::io::Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
-        reader::read_image(self, journal, image, Some(sink), progress)
+        if self.has_v1(journal, image)? {
+            return self.restore_v1(journal, image, sink, progress);
+        }
+        self.restore_v2(journal, image, sink, progress)
     }
 
-    /// Counts images, chunks and pack bytes.
+    /// Counts images and pack bytes.
     pub fn stats(&self, journal: &Journal) -> Result<Stats> {
-        let mut s = Stats::default();
-        for (_, head) in journal.scan::<ImageHead>(Table::Images, b"h")? {
+        let (images, image_bytes, packs, pack_bytes) = self.stats_v1(journal)?;
+        let mut s = Stats {
+            images,
+            image_bytes,
+            packs,
+            pack_bytes,
+        };
+        for (_, r) in journal.scan_len::<format::ImageRecord>(Table::Images, b"i", 33)? {
             s.images += 1;
-            s.image_bytes += head.bytes;
+            s.image_bytes += r.bytes;
         }
-        for (_, chunk) in journal.scan::<ChunkEntry>(Table::Chunks, &[])? {
-            s.chunks += 1;
-            s.chunk_bytes += u64::from(chunk.len);
-            if chunk.refs == 0 {
-                s.dead_chunks += 1;
-            }
-        }
-        for (_, pack) in journal.scan::<PackEntry>(Table::Packs, &[])? {
+        for (_, r) in journal.scan_len::<format::PackRecord>(Table::Packs, b"p", 9)? {
             s.packs += 1;
-            s.pack_bytes += pack.bytes;
+            s.pack_bytes += r.len;
         }
         Ok(s)
     }
-}
 
-fn image_id(image: &str) -> Result<ChunkId> {
-    format::parse_id(image).ok_or_else(|| Error::NoSuchImage(image.to_string()))
-}
+    /// Compares the store with its index and with `referenced` (each image the catalog
+    /// holds, with its number of holders): lists every difference (see `check_v2` and the
+    /// format-1 check).
+    pub fn check(
+        &self,
+        journal: &Journal,
+        referenced: &BTreeMap<String, u64>,
+    ) -> Result<Vec<String>> {
+        let mut problems = self.check_v2(journal)?;
+        let mut v1_held = BTreeMap::new();
+        for (image, n) in referenced {
+            let v2 = match format::parse_id(image) {
+                Some(id) => journal
+                    .get::<format::ImageRecord>(Table::Images, &format::image_key(&id))?
+                    .is_some(),
+                None => false,
+            };
+            if !v2 {
+                v1_held.insert(image.clone(), *n);
+            }
+        }
+        problems.extend(self.check_v1(journal, &v1_held)?);
+        Ok(problems)
+    }
 
-fn load_head(journal: &Journal, image: &str, id: &ChunkId) -> Result<ImageHead> {
-    journal
-        .get(Table::Images, &format::head_key(id))?
-        .ok_or_else(|| Error::NoSuchImage(image.to_string()))
-}
-
-fn load_segment(journal: &Journal, image: &str, id: &ChunkId, segment: u32) -> Result<Vec<Piece>> {
-    journal
-        .get(Table::Images, &format::segment_key(id, segment))?
-        .ok_or_else(|| {
-            Error::Inconsistent(format!("image {image} lacks manifest segment {segment}"))
-        })
-}
-
-/// Fsyncs a directory, so that entries created or removed in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))
+    /// Runs both collectors: format 2 by mark and sweep from `live` (every image the
+    /// catalog and the open operations name), format 1 by its reference counts.
+    pub fn collect(
+        &self,
+        journal: &mut Journal,
+        live: &std::collections::BTreeSet<String>,
+    ) -> Result<GcReport> {
+        let mut report = self.gc(journal, live)?;
+        let old = self.gc_v1(journal)?;
+        report.chunks_removed += old.chunks_removed;
+        report.bytes_freed += old.bytes_freed;
+        report.packs_removed += old.packs_removed;
+        report.packs_rewritten += old.packs_rewritten;
+        Ok(report)
+    }
 }

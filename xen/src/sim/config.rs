@@ -266,6 +266,10 @@ impl DomainDir {
         self.path.join("memory")
     }
 
+    pub fn dirty_log(&self) -> PathBuf {
+        self.path.join("dirty.log")
+    }
+
     pub fn pid_file(&self) -> PathBuf {
         self.path.join("guest.pid")
     }

@@ -17,7 +17,9 @@
 //! (create the overlay on the disk's current image, switch the disk to it and record that in
 //! `domain.json`; idempotent), `rebase-image {disk, image, backing}` (rebase `image`, the
 //! disk's current image or one of its backing chain, onto `backing` or none, with the disk
-//! closed), `quit` (stop the vCPU, flush, exit 0; answered before the process exits).
+//! closed), `reset-dirty {base}` (clear the dirty-page log, see `dirty.rs`),
+//! `load-memory {path}` (write a file into memory as the vCPU would: a test and benchmark
+//! hook), `quit` (stop the vCPU, flush, exit 0; answered before the process exits).
 //! Image names are file names inside the domain directory, checked by both sides.
 
 use std::io::{BufRead, BufReader, Write};
@@ -52,6 +54,15 @@ pub(crate) enum Request {
         disk: String,
         image: String,
         backing: Option<String>,
+    },
+    /// Clear the dirty-page log and name what it is now relative to.
+    ResetDirty {
+        base: u64,
+    },
+    /// Copy a file of the memory's size into memory, as the vCPU would write it (pages
+    /// that differ are marked dirty).
+    LoadMemory {
+        path: String,
     },
     Quit,
 }

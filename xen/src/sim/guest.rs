@@ -29,6 +29,7 @@ use crate::RunState;
 
 use super::config::{validate_image_name, validate_name, DomainConfig, DomainDir, Workload};
 use super::control::{Request, Response};
+use super::dirty::DirtyLog;
 use super::process::flock;
 
 /// Pause between two iterations of the `counter` vCPU loop. Each iteration is one 8-byte
@@ -113,6 +114,9 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
         .map_err(|e| format!("read memory: {e}"))?;
     let n = u64::from_le_bytes(first);
 
+    let dirty = DirtyLog::create(&dir.dirty_log(), config.memory_bytes / super::PAGE_SIZE)
+        .map_err(|e| format!("create dirty.log: {e}"))?;
+
     // Before any thread exists, so that every thread inherits the mask.
     let signals = block_signals()?;
     let dm = DeviceModel::open(&config, &dir)?;
@@ -120,6 +124,7 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
         vcpu: Vcpu::new(n),
         dm,
         memory,
+        dirty,
         workload: config.workload,
         dir,
         _pid_lock: pid_lock,
@@ -503,6 +508,8 @@ struct Guest {
     vcpu: Vcpu,
     dm: DeviceModel,
     memory: File,
+    /// Pages the vCPU wrote since the host last reset the log.
+    dirty: DirtyLog,
     workload: Workload,
     dir: DomainDir,
     /// Held for the life of the process: while it is, the domain is active.
@@ -560,12 +567,61 @@ impl Guest {
                 if !self.dm.disks.is_empty() {
                     self.dm.write("xvda", &bytes, 0)?;
                 }
+                self.dirty
+                    .mark(0)
+                    .map_err(|e| format!("write dirty.log: {e}"))?;
                 self.memory
                     .write_all_at(&bytes, 0)
                     .map_err(|e| format!("write memory: {e}"))?;
                 Ok(Some(next))
             }
         }
+    }
+
+    /// Writes the file at `path` (as long as memory) into memory page by page, marking the
+    /// pages that change, as the vCPU's own writes are.
+    fn load_memory(&self, path: &Path) -> GuestResult<()> {
+        let err = |what: &str, e: std::io::Error| {
+            format!("load memory from {}: {what}: {e}", path.display())
+        };
+        let source = File::open(path).map_err(|e| err("open", e))?;
+        let len = self
+            .memory
+            .metadata()
+            .map_err(|e| err("stat memory", e))?
+            .len();
+        if source.metadata().map_err(|e| err("stat", e))?.len() != len {
+            return Err(format!(
+                "load memory from {}: not {len} bytes long",
+                path.display()
+            ));
+        }
+        let page = super::PAGE_SIZE as usize;
+        let mut new = vec![0u8; 1 << 20];
+        let mut old = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < len {
+            let n = ((len - at) as usize).min(new.len());
+            source
+                .read_exact_at(&mut new[..n], at)
+                .map_err(|e| err("read", e))?;
+            self.memory
+                .read_exact_at(&mut old[..n], at)
+                .map_err(|e| err("read memory", e))?;
+            for p in (0..n).step_by(page) {
+                let end = (p + page).min(n);
+                if new[p..end] != old[p..end] {
+                    self.dirty
+                        .mark((at + p as u64) / super::PAGE_SIZE)
+                        .map_err(|e| err("write dirty.log", e))?;
+                    self.memory
+                        .write_all_at(&new[p..end], at + p as u64)
+                        .map_err(|e| err("write memory", e))?;
+                }
+            }
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Stops the vCPU, flushes the disks and syncs the memory file.
@@ -601,6 +657,16 @@ impl Guest {
             }
             Request::Unpause => {
                 self.vcpu.resume();
+                Ok(Response::ok())
+            }
+            Request::ResetDirty { base } => {
+                self.dirty
+                    .reset(*base)
+                    .map_err(|e| format!("reset dirty.log: {e}"))?;
+                Ok(Response::ok())
+            }
+            Request::LoadMemory { path } => {
+                self.load_memory(Path::new(path))?;
                 Ok(Response::ok())
             }
             Request::SnapshotCreate { disk, tag } => {

@@ -43,6 +43,7 @@
 
 mod config;
 mod control;
+mod dirty;
 mod fake;
 mod guest;
 mod images;
@@ -202,6 +203,21 @@ impl SimHost {
         let mut config = DomainConfig::load(&dir)?;
         config.workload = workload;
         write_config(&dir, &config)
+    }
+
+    /// Writes the file at `path` (exactly as long as the domain's memory) into the memory of
+    /// the active domain `name` through its guest, as its vCPU would: the pages that change
+    /// are in the dirty-page log. A hook for tests and benchmarks that need memory of a
+    /// given content.
+    pub fn load_memory(&self, name: &str, path: &Path) -> Result<()> {
+        let dir = self.dir(name)?;
+        let path = path
+            .canonicalize()
+            .map_err(Error::io("resolve", path))?
+            .display()
+            .to_string();
+        self.call_active(&dir, name, &Request::LoadMemory { path }, "load memory")
+            .map(|_| ())
     }
 
     /// The counter stored at offset 0 of the domain's memory (u64, little-endian): what the
@@ -563,6 +579,58 @@ impl Host for SimHost {
             });
         }
         Ok(written)
+    }
+
+    fn dirty_pages(&self, name: &str) -> Result<Option<crate::DirtyPages>> {
+        let dir = self.dir(name)?;
+        if process::live_guest(&dir)?.is_none() {
+            return Ok(None);
+        }
+        let path = dir.dirty_log();
+        Ok(dirty::read(&path)
+            .map_err(Error::io("read", &path))?
+            .map(|(base, pages)| crate::DirtyPages { base, pages }))
+    }
+
+    fn reset_dirty_pages(&self, name: &str, base: u64) -> Result<()> {
+        let dir = self.dir(name)?;
+        self.call_active(
+            &dir,
+            name,
+            &Request::ResetDirty { base },
+            "reset the dirty log",
+        )
+        .map(|_| ())
+    }
+
+    fn read_memory_pages(
+        &self,
+        name: &str,
+        pages: &[u64],
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let dir = self.dir(name)?;
+        self.call_active(&dir, name, &Request::Pause, "save memory")?;
+        let path = dir.memory();
+        let file = File::open(&path).map_err(Error::io("open", &path))?;
+        let len = file.metadata().map_err(Error::io("stat", &path))?.len();
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for &page in pages {
+            let at = page.saturating_mul(PAGE_SIZE);
+            if at >= len {
+                return Err(Error::Invalid(format!(
+                    "page {page} is past the end of the memory of domain {name}"
+                )));
+            }
+            let n = (len - at).min(PAGE_SIZE) as usize;
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(Error::io("read", &path))?;
+            sink(page, &buf[..n]).map_err(|source| Error::Stream {
+                domain: name.to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     fn destroy(&self, name: &str) -> Result<()> {

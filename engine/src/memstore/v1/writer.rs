@@ -1,4 +1,4 @@
-//! Ingest: the image stream is pushed in, cut into chunks, deduplicated and packed.
+//! Format 1: ingest (kept for the tests that build format-1 stores).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use fastcdc::v2020::{self, Normalization};
 use journal::{Batch, Journal, Table};
 
-use super::error::{io, Error, Result};
 use super::format::{
     self, ChunkEntry, ChunkId, ImageHead, PackEntry, Piece, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN,
 };
 use super::whole::WholeHash;
+use crate::memstore::error::{io, Error, Result};
 
 /// Bytes buffered before chunking (at least two maximal chunks).
 const BUFFER: usize = 4 << 20;
@@ -22,6 +22,7 @@ const PACK_BUFFER: usize = 1 << 20;
 
 /// The outcome of an ingest.
 #[derive(Debug)]
+#[allow(dead_code)]
 pub struct Ingested {
     /// Image id: BLAKE3 of the whole stream, hex.
     pub image: String,
@@ -40,7 +41,7 @@ pub struct Ingested {
 /// Memory stays bounded by a 4 MiB buffer plus what grows with the image's chunk count:
 /// the manifest (40 bytes a chunk) and one entry per distinct chunk (~90 bytes), i.e.
 /// ~0.2% of the image for 64 KiB chunks. Dropped without [`ImageWriter::finish`], it leaves
-/// its pack file for [`super::MemStore::abandon`].
+/// its pack file for `MemStore::abandon`.
 #[derive(Debug)]
 pub struct ImageWriter<'j> {
     buf: Vec<u8>,
@@ -100,11 +101,6 @@ impl<'j> ImageWriter<'j> {
                 poisoned: false,
             },
         }
-    }
-
-    /// Bytes received so far.
-    pub fn bytes(&self) -> u64 {
-        self.ingest.bytes
     }
 
     /// Cuts the next chunk off the buffered bytes and stores it.
@@ -281,10 +277,9 @@ impl Ingest<'_> {
             if let Some(dir) = path.parent() {
                 super::sync_dir(dir)?;
             }
-            fail::fail_point!("engine::memstore::after-pack-sync", |_| Err(failpoint(
-                "engine::memstore::after-pack-sync",
-                path
-            )));
+            fail::fail_point!("engine::memstore::after-pack-sync", |_| Err(
+                super::failpoint("engine::memstore::after-pack-sync", path)
+            ));
             batch.put(
                 Table::Packs,
                 &format::pack_key(self.op),
@@ -337,14 +332,5 @@ impl Ingest<'_> {
             bytes_new: self.bytes_new,
             batch,
         })
-    }
-}
-
-#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
-pub(super) fn failpoint(name: &'static str, path: &std::path::Path) -> Error {
-    Error::Io {
-        op: name,
-        path: path.to_path_buf(),
-        source: std::io::Error::other("failpoint"),
     }
 }

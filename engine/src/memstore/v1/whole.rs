@@ -5,7 +5,7 @@
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use super::error::{Error, Result};
+use crate::memstore::error::{Error, Result};
 
 const BLOCK: usize = 1 << 20;
 /// Blocks in flight before the producer waits for the hasher.

@@ -1,4 +1,4 @@
-//! Reading images back: verify and restore, every chunk checked before it is used.
+//! Format 1: reading images back, every chunk checked before it is used.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -7,10 +7,10 @@ use std::os::unix::fs::FileExt;
 
 use journal::{Journal, Table};
 
-use super::error::{io, Error, Result};
 use super::format::{self, ChunkEntry, Piece, CHUNK_MAX};
 use super::whole::WholeHash;
-use super::MemStore;
+use crate::memstore::error::{io, Error, Result};
+use crate::memstore::MemStore;
 
 static ZEROS: [u8; CHUNK_MAX] = [0; CHUNK_MAX];
 
@@ -56,7 +56,7 @@ pub(super) fn read_image(
                                 format::hex(&chunk)
                             ))
                         })?;
-                    let path = store.pack_path(entry.pack);
+                    let path = store.v1_pack_path(entry.pack);
                     let corrupt = |why: String| Error::Corruption {
                         image: image.to_string(),
                         chunk: format::hex(&chunk),
