@@ -456,6 +456,9 @@ impl Write for Sink {
     }
 }
 
+/// A finished pack: its object name and bytes.
+type FullPack = (String, Vec<u8>);
+
 /// Decides, piece by piece, whether a chunk is zero, the parent's, already stored or new,
 /// and packs the new ones.
 struct Packer<'c, 'j> {
@@ -492,7 +495,7 @@ impl<'c, 'j> Packer<'c, 'j> {
         kind: PieceKind,
         piece: &[u8],
         spare: &dyn Fn() -> Vec<u8>,
-    ) -> Result<(Slot, Option<(String, Vec<u8>)>)> {
+    ) -> Result<(Slot, Option<FullPack>)> {
         let stats = &mut self.out.stats;
         match kind {
             PieceKind::Page => stats.pages += 1,
@@ -540,7 +543,7 @@ impl<'c, 'j> Packer<'c, 'j> {
         Ok((slot, None))
     }
 
-    fn seal_pack(&mut self, pack: PackBuilder) -> Result<(String, Vec<u8>)> {
+    fn seal_pack(&mut self, pack: PackBuilder) -> Result<FullPack> {
         let (data, name, entries) = pack.finish(self.op)?;
         let key = format::pack_key_of(&name);
         for e in &entries {
@@ -565,7 +568,7 @@ impl<'c, 'j> Packer<'c, 'j> {
     }
 
     /// The last pack, if it holds anything, and what was found.
-    fn finish(mut self) -> Result<(HashOut, Option<(String, Vec<u8>)>)> {
+    fn finish(mut self) -> Result<(HashOut, Option<FullPack>)> {
         let last = if self.pack.is_empty() {
             None
         } else {
