@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/setup.sh
-exec cargo test --release --workspace --features domsnap/failpoints,domsnap/xen,store/rados "$@"
+exec cargo test --release --workspace --features domsnap/failpoints,domsnap/xen,store/rados,store/s3 "$@"

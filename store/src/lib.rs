@@ -23,9 +23,13 @@
 //! - `MemoryStore` (feature `testing`): a map that can lose unflushed objects on demand, for
 //!   tests.
 //!
-//! Each implementation runs the same contract test suite, `contract` (feature `testing`).
-//! Backends that need system libraries or a network (Ceph RADOS, S3) are behind cargo
-//! features.
+//! - `RadosStore` (feature `rados`): a pool (and namespace) of a Ceph cluster, through
+//!   librados.
+//! - `S3Store` (feature `s3`): a bucket (and key prefix) of an S3 endpoint such as Ceph's
+//!   radosgw.
+//!
+//! Each implementation runs the same contract test suite, `contract` (feature `testing`);
+//! `rados` and `s3` run it against a real single-node Ceph (`tests/ceph-lab/`).
 #![warn(missing_docs)]
 
 #[cfg(any(test, feature = "testing"))]
@@ -36,6 +40,8 @@ mod local;
 mod memory;
 #[cfg(feature = "rados")]
 mod rados;
+#[cfg(feature = "s3")]
+mod s3;
 
 pub use error::{Error, ErrorKind, Result};
 pub use local::LocalStore;
@@ -43,6 +49,8 @@ pub use local::LocalStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "rados")]
 pub use rados::{RadosConfig, RadosStore};
+#[cfg(feature = "s3")]
+pub use s3::{S3Config, S3Store};
 
 /// One object as [`ObjectStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -26,6 +26,8 @@ pub struct Cluster {
     pub pool: String,
     /// radosgw's S3 endpoint, `http://127.0.0.1:PORT`.
     pub s3_endpoint: String,
+    /// A bucket domsnap's tests may use (each test under a key prefix of its own).
+    pub s3_bucket: String,
     /// An S3 access key and secret of a user of radosgw.
     pub s3_access_key: String,
     /// The secret of that key.
@@ -39,6 +41,7 @@ impl Cluster {
             ("CEPH_CONF".into(), self.conf.display().to_string()),
             ("DOMSNAP_RADOS_POOL".into(), self.pool.clone()),
             ("DOMSNAP_S3_ENDPOINT".into(), self.s3_endpoint.clone()),
+            ("DOMSNAP_S3_BUCKET".into(), self.s3_bucket.clone()),
             ("DOMSNAP_S3_ACCESS_KEY".into(), self.s3_access_key.clone()),
             ("DOMSNAP_S3_SECRET_KEY".into(), self.s3_secret_key.clone()),
         ]
@@ -158,6 +161,7 @@ fn read_env(dir: &Path) -> Cluster {
         conf: PathBuf::from(var("CEPH_CONF")),
         pool: var("DOMSNAP_RADOS_POOL"),
         s3_endpoint: var("DOMSNAP_S3_ENDPOINT"),
+        s3_bucket: var("DOMSNAP_S3_BUCKET"),
         s3_access_key: var("DOMSNAP_S3_ACCESS_KEY"),
         s3_secret_key: var("DOMSNAP_S3_SECRET_KEY"),
     }

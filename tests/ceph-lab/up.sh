@@ -3,7 +3,8 @@
 # and radosgw) on 127.0.0.1, without systemd, for domsnap's tests and benchmarks.
 #
 #   tests/ceph-lab/up.sh DIR        # DIR must not exist; prints nothing but errors
-#   . DIR/env                       # CEPH_CONF, DOMSNAP_RADOS_POOL, DOMSNAP_S3_* for the tests
+#   . DIR/env                       # CEPH_CONF, DOMSNAP_RADOS_POOL (a pool), DOMSNAP_S3_*
+#                                   # (radosgw's endpoint, a bucket, a user's keys)
 #   tests/ceph-lab/down.sh DIR      # stops every daemon by its recorded pid, deletes DIR
 #
 # Ports: PORT (default 3300) for the monitor's v2 protocol, PORT+1 for v1, PORT+2 for
@@ -47,6 +48,7 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon data avail warn = 2
+mon data avail crit = 1
 mon warn on insecure global id reclaim allowed = false
 mon warn on insecure global id reclaim = false
 mon max pg per osd = 1000
@@ -54,7 +56,7 @@ ms mon client mode = crc
 osd objectstore = bluestore
 bluestore block path = $D/osd.0/block.img
 bluestore block create = true
-bluestore block size = 21474836480
+bluestore block size = 10737418240
 osd memory target = 1073741824
 bluestore cache autotune = false
 bluestore cache size = 268435456
@@ -62,10 +64,18 @@ mgr initial modules = iostat
 EOF
 log() { echo "up.sh: $*" >&2; }
 fail() { log "$*; logs in $D/log"; exit 1; }
-# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s.
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s; fails at once, showing its
+# output, if a daemon started so far has exited.
 wait_for() {
-  local limit=$(( $1 * 5 )) what=$2 i=0; shift 2
+  local limit=$(( $1 * 5 )) what=$2 i=0 p; shift 2
   until "$@" >/dev/null 2>&1; do
+    for p in "$D"/run/*.pid; do
+      [ -e "$p" ] || continue
+      kill -0 "$(cat "$p")" 2>/dev/null || {
+        local name; name=$(basename "$p" .pid)
+        fail "$name exited while waiting for $what: $(tail -c 2000 "$D/log/$name.out")"
+      }
+    done
     i=$((i + 1)); [ $i -le $limit ] || fail "timed out waiting for $what"; sleep 0.2
   done
 }
@@ -98,6 +108,11 @@ rbd pool init rbd
 wait_for 120 "radosgw" curl -s -o /dev/null "http://127.0.0.1:$RGW_PORT/"
 radosgw-admin user create --uid=domsnap --display-name=domsnap --access-key=DOMSNAPTESTKEY \
   --secret-key=DOMSNAPTESTSECRET >/dev/null 2>&1 || fail "radosgw-admin user create failed"
+# The bucket the S3 tests use (each test under a key prefix of its own): a SigV4-signed PUT.
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
+curl -s -f -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user DOMSNAPTESTKEY:DOMSNAPTESTSECRET \
+  -H "x-amz-content-sha256: $EMPTY_SHA256" -o /dev/null "http://127.0.0.1:$RGW_PORT/domsnap" \
+  || fail "cannot create the S3 bucket domsnap"
 pgs_clean() {
   local n
   n=$(ceph osd pool ls detail | grep -o 'pg_num [0-9]*' | awk '{s+=$2} END {print s}')
@@ -108,6 +123,7 @@ cat > "$D/env" <<EOF
 export CEPH_CONF=$CEPH_CONF
 export DOMSNAP_RADOS_POOL=domsnap
 export DOMSNAP_S3_ENDPOINT=http://127.0.0.1:$RGW_PORT
+export DOMSNAP_S3_BUCKET=domsnap
 export DOMSNAP_S3_ACCESS_KEY=DOMSNAPTESTKEY
 export DOMSNAP_S3_SECRET_KEY=DOMSNAPTESTSECRET
 EOF
