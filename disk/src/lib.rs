@@ -6,6 +6,8 @@
 //!   change is atomic: see `meta` for the ordering of writes and `fsync`s.
 //! - Guest data I/O while a domain runs ([`DataImage`]), through the `imago` library, whose
 //!   writes honour the COPIED flag (copy-on-write of clusters shared with snapshots).
+//! - A disk's content at an internal snapshot, cluster by cluster ([`snapshot_reader`]), and
+//!   a standalone image written from such clusters ([`write_image`]): export and import.
 //! - Image creation ([`create_image`]), consistency check and leak repair ([`check()`],
 //!   [`repair_leaks`]), and external snapshots ([`create_overlay`], [`commit_overlay`],
 //!   [`rebase`], [`backing_file`]).
@@ -26,6 +28,7 @@ mod check;
 mod create;
 mod data;
 mod error;
+mod export;
 mod format;
 mod internal;
 mod lock;
@@ -38,6 +41,7 @@ pub use backend::{Backend, Qcow2Image};
 pub use check::CheckReport;
 pub use data::DataImage;
 pub use error::{Error, Result};
+pub use export::{Cluster, SnapshotReader};
 
 use std::path::{Path, PathBuf};
 
@@ -127,4 +131,24 @@ pub fn commit_overlay(overlay: &Path) -> Result<()> {
 /// `a ← b ← c` is `rebase(c, Some(a))` followed by deleting `b`.
 pub fn rebase(image: &Path, new_backing: Option<&Path>) -> Result<()> {
     overlay::rebase(image, new_backing)
+}
+
+/// Opens the content of `path` as it was at its internal snapshot `name`, for reading
+/// cluster by cluster (export). Read-only; safe while the image is in use, since a snapshot's
+/// tables and clusters never change while it exists. Refused ([`Error::Unsupported`]) for
+/// images with a backing file, extended L2 entries or compressed clusters in the snapshot.
+pub fn snapshot_reader(path: &Path, name: &str) -> Result<SnapshotReader> {
+    SnapshotReader::open(path, name)
+}
+
+/// Creates `path`, a new qcow2 image of `disk_size` bytes with clusters of `cluster_size`
+/// bytes, holding `clusters` (guest cluster index and its bytes; others read as zeros).
+/// Durable on return; never overwrites ([`Error::AlreadyExists`]). An error from the
+/// iterator stops the writing and is returned; the partial image is left for the caller to
+/// remove.
+pub fn write_image<I>(path: &Path, disk_size: u64, cluster_size: u32, clusters: I) -> Result<()>
+where
+    I: IntoIterator<Item = Result<(u64, Vec<u8>)>>,
+{
+    export::write_image(path, disk_size, cluster_size, clusters)
 }
