@@ -26,11 +26,22 @@ pub fn check(what: &'static str, name: &str) -> Result<()> {
     match problem {
         Some(why) => Err(Error::InvalidName {
             what,
-            name: name.to_string(),
+            name: shown(name),
             why,
         }),
         None => Ok(()),
     }
+}
+
+/// A refused name as error messages show it: whole up to twice the longest accepted length,
+/// else its beginning (an operator who pasted 10 000 characters needs to see which, not
+/// all of them again).
+fn shown(name: &str) -> String {
+    if name.chars().count() <= 2 * MAX_NAME {
+        return name.to_string();
+    }
+    let head: String = name.chars().take(MAX_NAME / 2).collect();
+    format!("{head}…")
 }
 
 #[cfg(test)]
@@ -60,5 +71,15 @@ mod tests {
         ] {
             assert!(check("snapshot", n).is_err(), "{n:?}");
         }
+    }
+
+    #[test]
+    fn a_very_long_name_is_not_echoed_whole() {
+        let Err(e) = check("snapshot", &"x".repeat(10_000)) else {
+            panic!("a name of 10 000 characters passes");
+        };
+        let e = e.to_string();
+        assert!(e.len() < 200, "{e}");
+        assert!(e.contains("10000 characters"), "{e}");
     }
 }

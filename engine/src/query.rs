@@ -161,6 +161,11 @@ impl Engine {
     pub fn list(&self, domain: &str) -> Result<Vec<SnapshotView>> {
         names::check("domain", domain)?;
         let catalog = self.journal.domain_catalog(domain)?;
+        if catalog.snapshots.is_empty() {
+            // A domain nobody knows is an error, not an empty list (a domain gone from the
+            // host whose snapshots are still catalogued stays listable).
+            self.host.domain(domain)?;
+        }
         let mut snaps: Vec<&SnapshotMeta> = catalog.snapshots.values().collect();
         snaps.sort_by_key(|s| (s.created, s.op));
         Ok(snaps

@@ -29,10 +29,15 @@ impl Drop for Env {
 
 impl Env {
     pub fn new() -> Env {
+        Env::new_in(Path::new("/tmp"))
+    }
+
+    /// A state directory inside `parent` (for example a test file system's mount).
+    pub fn new_in(parent: &Path) -> Env {
         Env {
             dir: tempfile::Builder::new()
                 .prefix("ds-")
-                .tempdir_in("/tmp")
+                .tempdir_in(parent)
                 .unwrap(),
             domains: Default::default(),
         }
