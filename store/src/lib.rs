@@ -42,6 +42,7 @@ mod memory;
 mod rados;
 #[cfg(feature = "s3")]
 mod s3;
+mod url;
 
 pub use error::{Error, ErrorKind, Result};
 pub use local::LocalStore;
@@ -51,6 +52,7 @@ pub use memory::MemoryStore;
 pub use rados::{RadosConfig, RadosStore};
 #[cfg(feature = "s3")]
 pub use s3::{S3Config, S3Store};
+pub use url::open_location;
 
 /// One object as [`ObjectStore::list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
