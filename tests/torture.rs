@@ -70,7 +70,9 @@ fn torture(seed: u64, rounds: u64, stop: &AtomicBool) -> Result<(), String> {
         *known.entry(name).or_insert(0) += k;
     }
     for (name, k) in &known {
-        say(&format!("torture seed {seed}: known defect {name} met {k} times"));
+        say(&format!(
+            "torture seed {seed}: known defect {name} met {k} times"
+        ));
     }
     Ok(())
 }
@@ -86,7 +88,9 @@ fn random_operations_killed_at_random_moments_keep_every_invariant() {
             .map(|k| {
                 let world_seed = seed.wrapping_add(k);
                 let share = rounds / worlds + u64::from(k < rounds % worlds);
-                say(&format!("torture world {k}: seed {world_seed}, {share} rounds"));
+                say(&format!(
+                    "torture world {k}: seed {world_seed}, {share} rounds"
+                ));
                 let stop = &stop;
                 s.spawn(move || (world_seed, share, torture(world_seed, share, stop)))
             })

@@ -121,3 +121,63 @@ fn a_torn_object_is_rewritten_by_the_next_put() {
     assert_eq!(s.get("packs/p").unwrap().unwrap(), data);
     assert!(!s.put("packs/p", &data).unwrap());
 }
+
+const CHILD: &str = "RADOS_KILL_TEST_NAMESPACE";
+
+fn big_object() -> Vec<u8> {
+    (0..100u32 << 20)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect()
+}
+
+/// Run as a child process by the test below: puts a 100 MiB object (two write operations)
+/// into the namespace named by the environment, then waits to be killed.
+#[test]
+fn child_put() {
+    if let Ok(ns) = std::env::var(CHILD) {
+        let s = open(&ns, false);
+        s.put("packs/big", &big_object()).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+}
+
+/// `kill -9` of a process in the middle of a large put: the object is missing, shorter or
+/// whole, and the next put of it leaves it whole.
+#[test]
+fn a_put_killed_midway_is_repaired_by_the_next_put() {
+    let data = big_object();
+    for wait_for_object in [false, true] {
+        let ns = ceph_lab::unique_name("kill");
+        let c = ceph_lab::cluster();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_put", "--nocapture"])
+            .env(CHILD, &ns)
+            .env("DOMSNAP_TEST_CEPH", &c.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = open(&ns, false);
+        if wait_for_object {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while s.len("packs/big").unwrap().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the child wrote nothing"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let left = s.len("packs/big").unwrap();
+        assert!(left.is_none_or(|l| l <= data.len() as u64), "{left:?}");
+        s.put("packs/big", &data).unwrap();
+        s.flush().unwrap();
+        assert!(
+            s.get("packs/big").unwrap().unwrap() == data,
+            "left {left:?}"
+        );
+    }
+}
