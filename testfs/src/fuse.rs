@@ -22,8 +22,20 @@ const TTL: Duration = Duration::from_secs(1);
 pub(crate) struct Fs(pub(crate) Arc<Mutex<Model>>);
 
 impl Fs {
+    /// The model, once it is not frozen: from the instant of a power cut until the processes
+    /// are dead, a call blocks (as on a machine whose power just went: nothing answers),
+    /// so that no process sees an error it would not see in a real power cut. The kernel
+    /// abandons the call when its process is killed; then the cut drains, and the call
+    /// fails with EIO for nobody.
     fn model(&self) -> MutexGuard<'_, Model> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        loop {
+            let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if !m.frozen || m.draining {
+                return m;
+            }
+            drop(m);
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 

@@ -160,10 +160,10 @@ impl TestFs {
         std::fs::read_to_string(base.join("maps")).is_ok_and(|m| m.contains(&mount))
     }
 
-    /// The power cut: from this instant nothing more becomes durable (every call fails with
-    /// `EIO`); every process using the file system, and every process of `also`, is killed
-    /// with SIGKILL; the file system is unmounted, becomes what was durable, and is mounted
-    /// again.
+    /// The power cut: from this instant nothing more becomes durable and no call returns
+    /// (callers wait); every process using the file system, and every process of `also`, is
+    /// killed with SIGKILL; the file system is unmounted, becomes what was durable, and is
+    /// mounted again.
     pub fn power_cut(&mut self, also: &[u32]) -> std::io::Result<Cut> {
         self.model().frozen = true;
         let mut cut = Cut::default();
@@ -185,6 +185,10 @@ impl TestFs {
                     cut.killed.push(*pid);
                 }
             }
+            // A call the file system had already taken holds its process until answered:
+            // answer the waiting calls now (EIO). Their processes have SIGKILL pending and
+            // die on the way back, without seeing it.
+            self.model().draining = true;
             if Instant::now() > deadline {
                 return Err(std::io::Error::other(format!(
                     "processes {victims:?} survive SIGKILL"
@@ -203,7 +207,29 @@ impl TestFs {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        session.umount_and_join()
+        // Unmounted here, retrying while a dying process still holds it (busy); then the
+        // session ends by itself.
+        let path = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // SAFETY: a valid NUL-terminated path; umount2 only reads it.
+            if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) || Instant::now() > deadline {
+                return Err(e);
+            }
+            for pid in self.users() {
+                // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        session.join()
     }
 }
 

@@ -219,7 +219,12 @@ impl World {
             .unwrap();
         let fs = testfs::TestFs::mount(mount.path()).unwrap();
         let env = Env::new_in(fs.path());
-        World::build(env, Some(fs), Some(mount))
+        let world = World::build(env, Some(fs), Some(mount));
+        // The host was provisioned before the first power cut: the directories of the
+        // simulated host (which never syncs its own parents) and of the state directory
+        // itself are on disk, as a file system would have them some seconds later.
+        sync_dirs(world.fs.as_ref().unwrap().path());
+        world
     }
 
     fn build(env: Env, fs: Option<testfs::TestFs>, mount: Option<tempfile::TempDir>) -> World {
@@ -339,6 +344,20 @@ impl World {
             std::thread::sleep(next.min(Duration::from_millis(2)));
         };
         let millis = start.elapsed().as_millis();
+        if let (Fault::PowerCut(_), false) = (fault, killed) {
+            // The command ended first: the power goes right after it (what it reported
+            // done must survive).
+            let fs = self
+                .fs
+                .as_mut()
+                .expect("a power cut needs the test file system");
+            let cut = fs.power_cut(&[]).unwrap();
+            self.cut = true;
+            self.log.push(format!(
+                "    power cut after the command: killed {:?}",
+                cut.killed
+            ));
+        }
         use std::os::unix::process::ExitStatusExt;
         let ended = match (status.code(), status.signal()) {
             (Some(c), _) => Ended::Exit(c),
@@ -421,6 +440,19 @@ impl World {
 
     pub fn log_dir(&self) -> PathBuf {
         self.logs.path().to_path_buf()
+    }
+}
+
+/// Fsyncs every directory under `root`, and `root`.
+fn sync_dirs(root: &std::path::Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+        File::open(&d).unwrap().sync_all().unwrap();
     }
 }
 

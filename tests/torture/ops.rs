@@ -415,7 +415,12 @@ pub fn round(world: &mut World, rng: &mut Rng, n: u64) -> Result<(), String> {
     if !allowed(&ran, &fault) {
         return Err(format!("unexpected end: {}", ran.describe()));
     }
-    if let (Ended::Exit(1), Action::Create { .. } | Action::Revert { .. }) = (ran.ended, &action) {
+    if let (
+        Ended::Exit(1),
+        Action::Create { .. } | Action::Revert { .. },
+        Fault::Failpoint { .. },
+    ) = (ran.ended, &action, &fault)
+    {
         // A failed step is reported with its name and what became of the operation.
         if !ran.stderr.contains("step") {
             return Err(format!("a failed step is not named: {}", ran.describe()));
@@ -486,6 +491,12 @@ fn settle(world: &mut World, action: &Action, ran: &Ran) -> Result<(), String> {
             ) if *d == dom && *name == snap => {
                 let m = world.dom_mut(&dom);
                 m.set_state(*target);
+                if cut {
+                    // A revert done (or finished by recovery up to its last step) before
+                    // the power went is shut off with everything else; one whose run state
+                    // recovery still had to set is in it.
+                    m.state.insert(State::Shutoff);
+                }
                 m.reverted = Some((snap.clone(), *target));
             }
             (

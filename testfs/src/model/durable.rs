@@ -75,6 +75,7 @@ impl Model {
             })
             .sum();
         self.frozen = false;
+        self.draining = false;
     }
 }
 
@@ -94,4 +95,31 @@ fn reach(tree: &HashMap<Ino, Node>) -> HashSet<Ino> {
         }
     }
     seen
+}
+
+impl Model {
+    /// Every path of the current tree (`durable = false`) or of the durable one, with the
+    /// inode and size of each: for failure reports.
+    pub fn listing(&self, durable: bool) -> Vec<String> {
+        let tree = if durable { &self.dur } else { &self.cur };
+        let mut out = Vec::new();
+        let mut stack = vec![(ROOT, String::new())];
+        while let Some((ino, path)) = stack.pop() {
+            match tree.get(&ino).map(|n| &n.data) {
+                Some(Data::Dir(e)) => {
+                    out.push(format!("{path}/ (inode {ino})"));
+                    for (name, child) in e {
+                        stack.push((*child, format!("{path}/{}", name.to_string_lossy())));
+                    }
+                }
+                Some(Data::File { size, .. }) => {
+                    out.push(format!("{path} (inode {ino}, {size} bytes)"));
+                }
+                Some(_) => out.push(format!("{path} (inode {ino})")),
+                None => out.push(format!("{path} (inode {ino} missing)")),
+            }
+        }
+        out.sort();
+        out
+    }
 }

@@ -181,8 +181,11 @@ pub struct Model {
     pub capacity: Option<u64>,
     used_blocks: u64,
     faults: Vec<Armed>,
-    /// Every call fails with `EIO` (between the moment of a power cut and the reboot).
+    /// Every call fails with `EIO` (between the moment of a power cut and the reboot; the
+    /// FUSE binding makes callers wait instead until [`Model::draining`]).
     pub frozen: bool,
+    /// The processes of a power cut are dead: frozen calls may fail now.
+    pub draining: bool,
     /// Faults that fired, as `(call, path, errno)`.
     pub fired: Vec<(FaultOn, String, i32)>,
 }
@@ -234,6 +237,7 @@ impl Model {
             used_blocks: 0,
             faults: Vec::new(),
             frozen: false,
+            draining: false,
             fired: Vec::new(),
         }
     }
