@@ -57,9 +57,6 @@ pub struct Engine {
     pub(crate) host: Box<dyn Host>,
     pub(crate) memory: MemStore,
     pub(crate) observer: Box<dyn Observer>,
-    /// The memory image a revert's verify-image step read and checked, kept for its
-    /// restore-memory step (the image is read from disk once).
-    pub(crate) staged: Option<crate::memstore::Staged>,
     locks: BTreeMap<String, File>,
 }
 
@@ -167,7 +164,6 @@ impl Engine {
             host,
             memory,
             observer,
-            staged: None,
             locks,
         };
         if engine.journal.mode() == Mode::Primary {

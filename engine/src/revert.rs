@@ -146,17 +146,12 @@ impl Engine {
         let mut detail = StepDetail::default();
         match step {
             Step::VerifyImage => {
-                // Read and check the image once, before anything is touched, and keep it
-                // for restore-memory when it fits in memory.
+                // Every chunk read (pack by pack, in order) and checked before anything is
+                // touched. The reads leave the image in the page cache, where the restore
+                // reads it again, checking every chunk as it streams it: the image is read
+                // from disk once (twice if it is larger than the page cache can hold).
                 let image = snap.memory_image.as_deref().unwrap_or_default();
-                self.staged = None;
-                if snap.memory_bytes <= crate::memstore::stage_limit() {
-                    let staged = self.memory.stage_image(&self.journal, image)?;
-                    detail.bytes_read = Some(staged.len());
-                    self.staged = Some(staged);
-                } else {
-                    detail.bytes_read = Some(self.memory.verify(&self.journal, image)?);
-                }
+                detail.bytes_read = Some(self.memory.verify(&self.journal, image)?);
             }
             Step::StopDomain => self.host.destroy(domain)?,
             Step::RevertDisk(target) => {
@@ -212,7 +207,6 @@ impl Engine {
                 let host = self.host.as_ref();
                 let memory = &self.memory;
                 let journal = &self.journal;
-                let staged = self.staged.take().filter(|s| s.image() == image);
                 let (reader, mut writer) = std::io::pipe().map_err(|source| Error::Io {
                     op: "create pipe for memory restore",
                     path: self.state.clone(),
@@ -221,10 +215,7 @@ impl Engine {
                 let (restored, fed) = std::thread::scope(|s| {
                     let feeder = s.spawn(move || {
                         let mut progress = |n: u64| observer.bytes(n, total);
-                        match &staged {
-                            Some(staged) => staged.write_to(&mut writer, &mut progress),
-                            None => memory.restore(journal, &image, &mut writer, &mut progress),
-                        }
+                        memory.restore(journal, &image, &mut writer, &mut progress)
                         // `writer` drops here: the host sees the end of the stream.
                     });
                     let mut reader = reader;

@@ -3,7 +3,8 @@
 //! Object `a/b/c` is the file `<dir>/a/b/c`. Directories are created mode 0700, files mode
 //! 0600 whatever the umask: objects hold guest memory.
 //!
-//! - **put** writes a hidden temporary file `.tmp-<pid>-<n>` in the object's directory, then
+//! - **put** writes a hidden temporary file `.tmp-<pid>-<n>` in the object's directory
+//!   (objects of 1 MiB and more with direct I/O, as `dd oflag=direct` writes), then
 //!   hard-links it to the object's name (`link` fails if the name exists: create-if-absent
 //!   is atomic, and no reader ever sees a partly written object under its name) and removes
 //!   the temporary name. It starts the kernel's write-back of the data at once
@@ -33,6 +34,13 @@ use std::sync::Mutex;
 
 use crate::{check_name, Error, ErrorKind, ObjectMeta, ObjectStore, Result};
 
+/// Objects at least this long are written with direct I/O.
+const DIRECT_MIN: usize = 1 << 20;
+/// Size of a direct-I/O buffer.
+const DIRECT_BUFFER: usize = 8 << 20;
+/// Alignment direct I/O needs (the page size; a multiple of every block size in use).
+const ALIGN: usize = 4096;
+
 /// Prefix of temporary file names (hidden: no object name starts with `.`).
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -44,6 +52,8 @@ pub struct LocalStore {
     /// Files put since the last flush, and directories whose entries changed.
     pending: Mutex<Pending>,
     counter: AtomicU64,
+    /// Page-aligned buffers for direct writes, reused (fresh memory is slow to touch).
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +71,7 @@ impl LocalStore {
             read_only,
             pending: Mutex::new(Pending::default()),
             counter: AtomicU64::new(0),
+            buffers: Mutex::new(Vec::new()),
         };
         if !read_only {
             let existed = dir.is_dir();
@@ -151,6 +162,60 @@ impl LocalStore {
         let written = file
             .set_permissions(fs::Permissions::from_mode(0o600))
             .and_then(|()| file.write_all(data));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write", name, e));
+        }
+        Ok((tmp, file))
+    }
+
+    /// Writes `data` into a new temporary file beside `path` with direct I/O (`O_DIRECT`:
+    /// the data goes to the device as it is written, without filling the page cache, as
+    /// `dd oflag=direct` does), through a reused page-aligned buffer; falls back to
+    /// [`LocalStore::write_temp`] where the file system does not take direct I/O.
+    fn write_temp_direct(&self, path: &Path, name: &str, data: &[u8]) -> Result<(PathBuf, File)> {
+        if data.len() < DIRECT_MIN {
+            return self.write_temp(path, name, data);
+        }
+        let tmp = self.temp_path(path);
+        let file = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return self.write_temp(path, name, data);
+            }
+            Err(e) => return Err(Error::io("create a temporary file for", name, e)),
+        };
+        let mut buf = self
+            .buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0u8; DIRECT_BUFFER + ALIGN]);
+        let written = (|| -> std::io::Result<()> {
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+            let start = buf.as_ptr().align_offset(ALIGN);
+            let aligned = &mut buf[start..start + DIRECT_BUFFER];
+            let mut at = 0usize;
+            while at < data.len() {
+                let n = (data.len() - at).min(DIRECT_BUFFER);
+                aligned[..n].copy_from_slice(&data[at..at + n]);
+                let padded = n.next_multiple_of(ALIGN);
+                aligned[n..padded].fill(0);
+                file.write_all_at(&aligned[..padded], at as u64)?;
+                at += n;
+            }
+            file.set_len(data.len() as u64)
+        })();
+        self.buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buf);
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io("write", name, e));
@@ -249,7 +314,7 @@ impl ObjectStore for LocalStore {
             }
         }
         self.make_parents(&path, name)?;
-        let (tmp, file) = self.write_temp(&path, name, data)?;
+        let (tmp, file) = self.write_temp_direct(&path, name, data)?;
         start_writeback(&file);
         let linked = match fs::hard_link(&tmp, &path) {
             Ok(()) => Ok(true),
