@@ -75,6 +75,7 @@ impl Staged {
             done += part.len() as u64;
             progress(done);
         }
+        sink.flush().map_err(sink_error)?;
         Ok(done)
     }
 }
@@ -344,6 +345,9 @@ impl MemStore {
         let mut buf = Vec::new();
         let mut done = 0u64;
         let slots = &loaded.image.slots;
+        // Large writes: the sink is often a pipe to another thread or process, and a write
+        // per 4 KiB page would cost a hand-over per page.
+        let mut sink = std::io::BufWriter::with_capacity(1 << 20, sink);
         let mut i = 0;
         while i < slots.len() {
             match slots[i] {
@@ -407,6 +411,7 @@ impl MemStore {
             }
             progress(done);
         }
+        sink.flush().map_err(sink_error)?;
         Ok(done)
     }
 }
