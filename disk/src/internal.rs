@@ -142,6 +142,8 @@ pub fn create(path: &Path, name: &str) -> Result<Snapshot> {
     let img = Image::open(path, true)?;
     let (mut entries, table_len) = img.read_snapshots()?;
     if entries.iter().any(|e| e.name == name) {
+        // Callers take this as "already done": it must survive a power cut.
+        img.sync()?;
         return Err(Error::SnapshotExists {
             path: path.to_path_buf(),
             name: name.to_string(),
@@ -230,7 +232,15 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
 pub fn delete(path: &Path, name: &str) -> Result<()> {
     let img = Image::open(path, true)?;
     let (mut entries, table_len) = img.read_snapshots()?;
-    let (idx, snap) = find(&img, &entries, name)?;
+    let (idx, snap) = match find(&img, &entries, name) {
+        Ok(found) => found,
+        Err(e) => {
+            // Callers take "no such snapshot" as "already deleted": it must survive a power
+            // cut too, so an earlier deletion that was written but never synced is synced now.
+            img.sync()?;
+            return Err(e);
+        }
+    };
     let snap = snap.clone();
     let h = img.header.clone();
     let l1 = img.read_l1(h.l1_table_offset, h.l1_size)?;

@@ -46,6 +46,12 @@ pub struct Image {
 }
 
 impl Image {
+    /// Makes what the image holds now durable (`fdatasync`): an answer read from it, such as
+    /// "this snapshot exists", may rest on writes an interrupted process never synced.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(io("fdatasync", &self.path))
+    }
+
     /// Opens and parses the header. `writable` also checks that this crate may modify it and
     /// locks it against QEMU and other writers (see `lock`) until dropped.
     pub fn open(path: &Path, writable: bool) -> Result<Image> {
