@@ -47,6 +47,14 @@ pub enum Error {
     /// Bad input from the user (name, size, configuration).
     #[error("{0}")]
     Invalid(String),
+    /// The host does not implement what was asked.
+    #[error("the {host} host does not support {}", feature.as_str())]
+    Unsupported {
+        /// The host's kind (`sim`, `xen`).
+        host: &'static str,
+        /// What it lacks.
+        feature: crate::Feature,
+    },
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -113,6 +121,7 @@ impl Error {
                 | Error::NoSuchDisk { .. }
                 | Error::NoSuchDiskSnapshot { .. }
                 | Error::Invalid(_)
+                | Error::Unsupported { .. }
         )
     }
 }

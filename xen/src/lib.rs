@@ -71,6 +71,11 @@ pub struct DomainInfo {
     pub name: String,
     /// Current run state.
     pub state: RunState,
+    /// The host's id of the domain's current boot while it is active (the simulated
+    /// guest's boot token, Xen's domid): a domain started again has a new one. None while
+    /// shut off.
+    #[serde(default)]
+    pub instance: Option<u64>,
     /// Memory size in bytes.
     pub memory_bytes: u64,
     /// Where the domain's memory lives on the host, when it is a file (simulated host).
@@ -93,6 +98,39 @@ pub struct DirtyPages {
     pub base: u64,
     /// Indexes of the 4 KiB pages (of the memory stream) written since, ascending.
     pub pages: Vec<u64>,
+}
+
+/// A new domain's configuration ([`Host::define_domain`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSpec {
+    /// Memory size in bytes.
+    pub memory_bytes: u64,
+    /// Virtual size of each disk (`xvda`, `xvdb`, …), in bytes.
+    pub disk_sizes: Vec<u64>,
+    /// What the simulated guest runs (`counter`, `idle`); None: the host's default.
+    pub workload: Option<String>,
+}
+
+/// What a host may or may not do ([`Host::supports`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// [`Host::define_domain`] and [`Host::undefine_domain`]: domain configurations kept by the host.
+    Definitions,
+    /// [`Host::shutdown_domain`].
+    Shutdown,
+    /// [`Host::set_domain_workload`].
+    Workloads,
+}
+
+impl Feature {
+    /// What the feature does, in words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Definitions => "defining and undefining domains",
+            Feature::Shutdown => "graceful shutdown",
+            Feature::Workloads => "guest workloads",
+        }
+    }
 }
 
 /// A Xen host: the domains on it, their run state, memory and disks.
@@ -166,6 +204,41 @@ pub trait Host {
 
     /// Boots a shut-off domain from its configuration, paused or running.
     fn start(&self, name: &str, paused: bool) -> Result<()>;
+
+    /// Whether the host implements `feature`; the methods of a feature it lacks fail with
+    /// [`Error::Unsupported`].
+    fn supports(&self, feature: Feature) -> bool {
+        let _ = feature;
+        false
+    }
+
+    /// Defines a new shut-off domain ([`Feature::Definitions`]). [`Error::DomainExists`] if
+    /// the name is taken; nothing is left behind on error.
+    fn define_domain(&self, name: &str, spec: &DomainSpec) -> Result<DomainInfo> {
+        let _ = (name, spec);
+        Err(unsupported(self.kind(), Feature::Definitions))
+    }
+
+    /// Removes a shut-off domain and every file of it, disks and their snapshots included
+    /// ([`Feature::Definitions`]). Atomic.
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(unsupported(self.kind(), Feature::Definitions))
+    }
+
+    /// Stops the domain gracefully: disks flushed and closed, then shut off
+    /// ([`Feature::Shutdown`]). Idempotent: Ok if already shut off.
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(unsupported(self.kind(), Feature::Shutdown))
+    }
+
+    /// Sets what the domain's guest runs from its next start on ([`Feature::Workloads`]).
+    /// Idempotent.
+    fn set_domain_workload(&self, name: &str, workload: &str) -> Result<()> {
+        let _ = (name, workload);
+        Err(unsupported(self.kind(), Feature::Workloads))
+    }
 
     /// Names (tags) of the internal snapshots of disk `target`, in table order.
     fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>>;
@@ -259,6 +332,11 @@ fn external_unsupported(kind: &str) -> Error {
     ))
 }
 
+/// The error of a host without `feature`.
+pub fn unsupported(host: &'static str, feature: Feature) -> Error {
+    Error::Unsupported { host, feature }
+}
+
 /// A shared host is a host: a test keeps one handle to steer a fake while the engine owns
 /// the other.
 impl<H: Host + ?Sized> Host for std::sync::Arc<H> {
@@ -302,6 +380,21 @@ impl<H: Host + ?Sized> Host for std::sync::Arc<H> {
     }
     fn start(&self, name: &str, paused: bool) -> Result<()> {
         (**self).start(name, paused)
+    }
+    fn supports(&self, feature: Feature) -> bool {
+        (**self).supports(feature)
+    }
+    fn define_domain(&self, name: &str, spec: &DomainSpec) -> Result<DomainInfo> {
+        (**self).define_domain(name, spec)
+    }
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        (**self).undefine_domain(name)
+    }
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        (**self).shutdown_domain(name)
+    }
+    fn set_domain_workload(&self, name: &str, workload: &str) -> Result<()> {
+        (**self).set_domain_workload(name, workload)
     }
     fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>> {
         (**self).disk_snapshots(name, target)

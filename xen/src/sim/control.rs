@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! → {"execute":"status"}
-//! ← {"ok":true,"state":"running","n":1234,"pid":4242,"steps":1300,"parked":false}
+//! ← {"ok":true,"state":"running","n":1234,"pid":4242,"steps":1300,"parked":false,"boot":7311}
 //! → {"execute":"snapshot-create","disk":"xvda","tag":"s1"}
 //! ← {"ok":true}
 //! → {"execute":"pause"}
@@ -98,6 +98,9 @@ pub(crate) struct Response {
     /// Whether the vCPU thread has stopped and waits to be let run (status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<bool>,
+    /// The token the guest drew when it started: one per boot (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u64>,
 }
 
 impl Response {

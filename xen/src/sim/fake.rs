@@ -37,11 +37,18 @@ pub enum FakeOp {
     DeleteDiskSnapshot,
     /// [`Host::apply_disk_snapshot`].
     ApplyDiskSnapshot,
+    /// [`Host::save_memory`] failing the way `xl save` does: after the domain was paused
+    /// (a paused domain is first let run), the save fails and the domain is left running.
+    SaveMemoryResuming,
+    /// [`Host::undefine_domain`].
+    Undefine,
 }
 
 #[derive(Debug)]
 struct FakeDomain {
     state: RunState,
+    /// The boot instance while active.
+    instance: Option<u64>,
     memory: Vec<u8>,
     disks: Vec<DiskInfo>,
     /// Open while the domain is active (its "device model").
@@ -52,6 +59,15 @@ struct FakeDomain {
 struct Inner {
     domains: BTreeMap<String, FakeDomain>,
     failures: BTreeMap<FakeOp, u32>,
+    /// The last boot instance handed out.
+    boots: u64,
+}
+
+impl Inner {
+    fn next_boot(&mut self) -> u64 {
+        self.boots += 1;
+        self.boots
+    }
 }
 
 /// A deterministic in-process host: real qcow2 disks in a caller's directory, memory in
@@ -105,6 +121,7 @@ impl FakeHost {
             name.to_owned(),
             FakeDomain {
                 state: RunState::Shutoff,
+                instance: None,
                 memory: vec![0; memory_len],
                 disks,
                 xvda: None,
@@ -270,6 +287,7 @@ impl Host for FakeHost {
         Ok(DomainInfo {
             name: name.to_owned(),
             state: domain.state,
+            instance: domain.instance,
             memory_bytes: domain.memory.len() as u64,
             memory_path: None,
             disks: domain.disks.clone(),
@@ -293,6 +311,11 @@ impl Host for FakeHost {
 
     fn save_memory(&self, name: &str, sink: &mut dyn Write) -> Result<u64> {
         let mut inner = self.lock();
+        if let Err(e) = injected(&mut inner, FakeOp::SaveMemoryResuming, name) {
+            let domain = enter(&mut inner, name, FakeOp::SaveMemory, "save memory", true)?;
+            domain.state = RunState::Running;
+            return Err(e);
+        }
         let domain = enter(&mut inner, name, FakeOp::SaveMemory, "save memory", true)?;
         domain.flush()?;
         domain.state = RunState::Paused;
@@ -313,6 +336,7 @@ impl Host for FakeHost {
         // Like a killed device model: unflushed writes may be lost; here they are kept.
         domain.xvda = None;
         domain.state = RunState::Shutoff;
+        domain.instance = None;
         Ok(())
     }
 
@@ -352,6 +376,8 @@ impl Host for FakeHost {
         domain.memory = image;
         domain.xvda = xvda;
         domain.state = RunState::Paused;
+        let boot = inner.next_boot();
+        domain_mut(&mut inner, name)?.instance = Some(boot);
         Ok(())
     }
 
@@ -367,6 +393,45 @@ impl Host for FakeHost {
         } else {
             RunState::Running
         };
+        let boot = inner.next_boot();
+        domain_mut(&mut inner, name)?.instance = Some(boot);
+        Ok(())
+    }
+
+    fn supports(&self, feature: crate::Feature) -> bool {
+        matches!(
+            feature,
+            crate::Feature::Definitions | crate::Feature::Shutdown
+        )
+    }
+
+    fn define_domain(&self, name: &str, spec: &crate::DomainSpec) -> Result<DomainInfo> {
+        if spec.workload.as_deref().is_some_and(|w| w != "counter") {
+            return Err(crate::unsupported(self.kind(), crate::Feature::Workloads));
+        }
+        FakeHost::define(self, name, spec.memory_bytes, &spec.disk_sizes)
+    }
+
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        enter(&mut inner, name, FakeOp::Undefine, "undefine", false)?;
+        let domain = inner
+            .domains
+            .remove(name)
+            .ok_or_else(|| Error::NoSuchDomain(name.to_owned()))?;
+        for d in &domain.disks {
+            std::fs::remove_file(&d.path).map_err(Error::io("remove", &d.path))?;
+        }
+        Ok(())
+    }
+
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let domain = domain_mut(&mut inner, name)?;
+        domain.flush()?;
+        domain.xvda = None;
+        domain.state = RunState::Shutoff;
+        domain.instance = None;
         Ok(())
     }
 

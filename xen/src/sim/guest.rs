@@ -18,7 +18,7 @@
 //! status 2 (a crashed domain is destroyed, as with Xen's default `on_crash`).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -89,6 +89,19 @@ fn log(message: &str) {
 
 enum Never {}
 
+/// This boot's token: random, so a domain started again answers with another one.
+fn boot_token() -> u64 {
+    let mut bytes = [0u8; 8];
+    let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32);
+    }
+    u64::from_le_bytes(bytes)
+}
+
 fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
     validate_name(name).map_err(|e| e.to_string())?;
     let dir = DomainDir::new(&super::domains_dir(state_dir), name);
@@ -127,6 +140,7 @@ fn run(state_dir: &Path, name: &str) -> GuestResult<Never> {
         dirty,
         workload: config.workload,
         dir,
+        boot: boot_token(),
         _pid_lock: pid_lock,
     });
 
@@ -512,6 +526,8 @@ struct Guest {
     dirty: DirtyLog,
     workload: Workload,
     dir: DomainDir,
+    /// This boot's token ([`crate::DomainInfo::instance`]).
+    boot: u64,
     /// Held for the life of the process: while it is, the domain is active.
     _pid_lock: File,
 }
@@ -648,6 +664,7 @@ impl Guest {
                     pid: Some(std::process::id()),
                     steps: Some(ctl.steps),
                     parked: Some(ctl.parked),
+                    boot: Some(self.boot),
                     ..Response::default()
                 })
             }

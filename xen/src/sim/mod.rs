@@ -332,9 +332,14 @@ impl SimHost {
     }
 
     fn state(&self, dir: &DomainDir, name: &str) -> Result<RunState> {
+        Ok(self.state_and_boot(dir, name)?.0)
+    }
+
+    /// The run state and, while active, the guest's boot token.
+    fn state_and_boot(&self, dir: &DomainDir, name: &str) -> Result<(RunState, Option<u64>)> {
         Ok(match self.guest_status(dir, name)? {
-            None => RunState::Shutoff,
-            Some(r) => r.state.unwrap_or(RunState::Paused),
+            None => (RunState::Shutoff, None),
+            Some(r) => (r.state.unwrap_or(RunState::Paused), r.boot),
         })
     }
 
@@ -518,10 +523,11 @@ impl Host for SimHost {
     fn domain(&self, name: &str) -> Result<DomainInfo> {
         let dir = self.dir(name)?;
         let config = DomainConfig::load(&dir)?;
-        let state = self.state(&dir, name)?;
+        let (state, instance) = self.state_and_boot(&dir, name)?;
         Ok(DomainInfo {
             name: name.to_owned(),
             state,
+            instance,
             memory_bytes: config.memory_bytes,
             memory_path: Some(dir.memory()),
             disks: config.disk_infos(&dir),
@@ -693,6 +699,34 @@ impl Host for SimHost {
         let dir = self.dir(name)?;
         let _lock = HostLock::acquire(&dir, name)?;
         self.start_locked(&dir, name, paused)
+    }
+
+    fn supports(&self, feature: crate::Feature) -> bool {
+        match feature {
+            crate::Feature::Definitions | crate::Feature::Shutdown | crate::Feature::Workloads => {
+                true
+            }
+        }
+    }
+
+    fn define_domain(&self, name: &str, spec: &crate::DomainSpec) -> Result<DomainInfo> {
+        let workload = match &spec.workload {
+            Some(w) => w.parse()?,
+            None => Workload::Counter,
+        };
+        self.define_with_workload(name, spec.memory_bytes, &spec.disk_sizes, workload)
+    }
+
+    fn undefine_domain(&self, name: &str) -> Result<()> {
+        self.undefine(name)
+    }
+
+    fn shutdown_domain(&self, name: &str) -> Result<()> {
+        self.shutdown(name)
+    }
+
+    fn set_domain_workload(&self, name: &str, workload: &str) -> Result<()> {
+        self.set_workload(name, workload.parse()?)
     }
 
     fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>> {

@@ -191,10 +191,11 @@ impl XenHost {
         Ok(saved)
     }
 
-    fn info(name: &str, state: RunState, config: &Value) -> DomainInfo {
+    fn info(name: &str, state: RunState, domid: Option<u32>, config: &Value) -> DomainInfo {
         DomainInfo {
             name: name.into(),
             state,
+            instance: domid.map(u64::from),
             memory_bytes: config::memory_bytes(config),
             memory_path: None,
             disks: config::disks(config),
@@ -304,14 +305,14 @@ impl Host for XenHost {
                 self.store
                     .save(&Saved::new(&l.name, l.domid, l.config.clone()))?;
             }
-            out.push(Self::info(&l.name, state, &l.config));
+            out.push(Self::info(&l.name, state, Some(l.domid), &l.config));
         }
         for name in self.store.names()? {
             if out.iter().any(|d| d.name == name) {
                 continue;
             }
             if let Some(saved) = self.store.load(&name)? {
-                out.push(Self::info(&name, RunState::Shutoff, &saved.config));
+                out.push(Self::info(&name, RunState::Shutoff, None, &saved.config));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -320,10 +321,16 @@ impl Host for XenHost {
 
     fn domain(&self, name: &str) -> Result<DomainInfo> {
         match self.active(name)? {
-            Some(a) => Ok(Self::info(name, a.info.run_state(), &a.config)),
+            Some(a) => Ok(Self::info(
+                name,
+                a.info.run_state(),
+                Some(a.domid),
+                &a.config,
+            )),
             None => Ok(Self::info(
                 name,
                 RunState::Shutoff,
+                None,
                 &self.saved(name)?.config,
             )),
         }
