@@ -28,9 +28,16 @@ fn crash(env: &Env, args: &[&str], fp: &str) {
     );
 }
 
+/// The last snapshot operation (the `domain` commands the checks run are operations too).
 fn last_op(env: &Env) -> Value {
     let h = env.json(&["history"]);
-    h.as_array().unwrap().last().unwrap().clone()
+    h.as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| ["create", "revert", "delete"].contains(&o["kind"].as_str().unwrap()))
+        .unwrap()
+        .clone()
 }
 
 /// After recovery: nothing open, everything consistent, state as expected.

@@ -38,7 +38,7 @@ pub enum HostKind {
 /// Commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage domains of the simulated host.
+    /// Manage domains (define, shutdown, undefine and workloads: the simulated host only).
     #[command(subcommand)]
     Domain(DomainCommand),
     /// Take a snapshot: a checkpoint (memory + every disk) or, with --disk-only, disks only.
@@ -53,8 +53,9 @@ pub enum Command {
     Info(InfoArgs),
     /// Show what domsnap did: operations, steps, durations, outcomes.
     History(HistoryArgs),
-    /// Finish or undo interrupted operations now (every command does this first).
-    Recover,
+    /// Finish or undo interrupted operations now, those that need recovery too (every
+    /// command does the rest first).
+    Recover(RecoverArgs),
     /// Check the journal, the catalog against every disk, and the memory image store.
     Verify(VerifyArgs),
     /// Remove memory chunks no snapshot needs any more.
@@ -111,10 +112,13 @@ pub enum DomainCommand {
         /// Domain name.
         name: String,
     },
-    /// Remove a shut-off domain and its files.
+    /// Remove a shut-off domain and its files (refused while it has snapshots).
     Undefine {
         /// Domain name.
         name: String,
+        /// Delete the domain's snapshots with it.
+        #[arg(long)]
+        snapshots: bool,
     },
     /// List domains.
     List,
@@ -222,6 +226,15 @@ pub struct VerifyArgs {
     /// With --disks: free leaked clusters (nothing else is changed).
     #[arg(long, requires = "disks")]
     pub repair: bool,
+}
+
+/// `recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Finish an operation even on a domain that was started after its interruption
+    /// (a revert then replaces that boot).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `demo`.

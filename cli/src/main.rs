@@ -1,8 +1,15 @@
 //! `domsnap`: crash-safe snapshots of Xen domains.
 //!
-//! Exit codes: 0 success; 1 the operation failed; 2 bad input or a request that cannot be
-//! carried out as asked (nothing was changed); 3 another domsnap operation holds the
-//! domain; 4 `verify` found problems.
+//! Exit codes, from the kind of the error ([`engine::ErrorKind`]), never from its text:
+//! - 0 success;
+//! - 1 the operation failed (the message says what was rolled back or what the next
+//!   command finishes);
+//! - 2 bad input or a request that cannot be carried out as asked (nothing was changed);
+//! - 3 another domsnap operation holds the domain (nothing was changed);
+//! - 4 `verify` found problems;
+//! - 5 the domain has an unfinished operation that needs `domsnap recover` (nothing was
+//!   changed), or `recover` left one unfinished;
+//! - 6 stored state is damaged or does not add up (journal, memory store, images).
 
 mod args;
 mod demo;
@@ -17,18 +24,25 @@ use clap::Parser;
 
 use args::{Cli, Command, DomainCommand, HostKind};
 use engine::{
-    Access, CreateRequest, DeleteRequest, DiskCheck, Engine, HistoryFilter, RevertRequest,
+    Access, CreateRequest, DeleteRequest, DiskCheck, DomainAction, Engine, ErrorKind,
+    HistoryFilter, RecoverMode, RevertRequest,
 };
 use journal::DomainState;
 use xen::sim::SimHost;
-use xen::Host;
+use xen::{DomainSpec, Host};
 
+/// Exit status when the operation failed.
+const EXIT_FAILURE: u8 = 1;
 /// Exit status for bad input.
 const EXIT_USAGE: u8 = 2;
 /// Exit status when another operation holds the domain.
 const EXIT_BUSY: u8 = 3;
 /// Exit status when `verify` finds problems.
 const EXIT_PROBLEMS: u8 = 4;
+/// Exit status when a domain has an operation only `domsnap recover` may continue.
+const EXIT_NEEDS_RECOVERY: u8 = 5;
+/// Exit status when stored state is damaged.
+const EXIT_CORRUPTION: u8 = 6;
 
 /// An error that was caused by the request, not by a failure.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +53,11 @@ struct Usage(String);
 #[derive(Debug, thiserror::Error)]
 #[error("verify found problems")]
 struct Problems;
+
+/// `recover` left operations open (already printed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} operation(s) could not be recovered; see above")]
+struct Unrecovered(usize);
 
 fn main() -> ExitCode {
     let mut raw = std::env::args_os();
@@ -53,12 +72,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let code = exit_code(&err);
+            let kind = error_kind(&err);
+            let code = exit_code(&err, kind);
             if code != EXIT_PROBLEMS {
                 if json {
                     let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
                     let value = serde_json::json!({
                         "error": chain.join(": "),
+                        "kind": kind.map(ErrorKind::as_str),
                         "exit_code": code,
                     });
                     eprintln!("{value}");
@@ -67,9 +88,12 @@ fn main() -> ExitCode {
                     for cause in err.chain().skip(1) {
                         eprintln!("  caused by: {cause}");
                     }
-                    if (code == EXIT_USAGE || code == EXIT_BUSY)
-                        && !err.to_string().contains("othing was changed")
-                    {
+                    // A failed step's own message says what became of its operation.
+                    let step_failed = matches!(
+                        err.downcast_ref::<engine::Error>(),
+                        Some(engine::Error::StepFailed { .. })
+                    );
+                    if kind.is_some_and(ErrorKind::changed_nothing) && !step_failed {
                         eprintln!("  nothing was changed");
                     }
                 }
@@ -79,27 +103,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn exit_code(err: &anyhow::Error) -> u8 {
+/// The kind of a command's error; None for `verify`'s and `recover`'s own reports.
+fn error_kind(err: &anyhow::Error) -> Option<ErrorKind> {
+    if err.downcast_ref::<Problems>().is_some() || err.downcast_ref::<Unrecovered>().is_some() {
+        return None;
+    }
+    if err.downcast_ref::<Usage>().is_some() {
+        return Some(ErrorKind::User);
+    }
+    if let Some(e) = err.downcast_ref::<engine::Error>() {
+        return Some(e.kind());
+    }
+    if let Some(e) = err.downcast_ref::<xen::Error>() {
+        return Some(engine::host_kind(e));
+    }
+    Some(ErrorKind::Failure)
+}
+
+fn exit_code(err: &anyhow::Error, kind: Option<ErrorKind>) -> u8 {
     if err.downcast_ref::<Problems>().is_some() {
         return EXIT_PROBLEMS;
     }
-    if err.downcast_ref::<Usage>().is_some() {
-        return EXIT_USAGE;
+    if err.downcast_ref::<Unrecovered>().is_some() {
+        return EXIT_NEEDS_RECOVERY;
     }
-    if let Some(e) = err.downcast_ref::<engine::Error>() {
-        if e.is_busy() {
-            return EXIT_BUSY;
-        }
-        if e.is_user_error() {
-            return EXIT_USAGE;
-        }
+    match kind {
+        Some(ErrorKind::User) => EXIT_USAGE,
+        Some(ErrorKind::Busy) => EXIT_BUSY,
+        Some(ErrorKind::NeedsRecovery) => EXIT_NEEDS_RECOVERY,
+        Some(ErrorKind::Corruption) => EXIT_CORRUPTION,
+        Some(ErrorKind::Failure) | None => EXIT_FAILURE,
     }
-    if let Some(e) = err.downcast_ref::<xen::Error>() {
-        if e.is_user_error() {
-            return EXIT_USAGE;
-        }
-    }
-    1
 }
 
 /// The state directory: `--state`, else `$DOMSNAP_STATE`, else a per-user data directory.
@@ -124,9 +158,11 @@ fn state_dir(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// The host the command drives.
 pub(crate) fn open_host(kind: HostKind, state: &Path) -> anyhow::Result<Box<dyn Host>> {
     match kind {
-        HostKind::Sim => Ok(Box::new(SimHost::open(state)?)),
+        HostKind::Sim => Ok(Box::new(SimHost::open(state).map_err(engine::Error::from)?)),
         #[cfg(feature = "xen")]
-        HostKind::Xen => Ok(Box::new(xen::xenhost::XenHost::open(state)?)),
+        HostKind::Xen => Ok(Box::new(
+            xen::xenhost::XenHost::open(state).map_err(engine::Error::from)?,
+        )),
         #[cfg(not(feature = "xen"))]
         HostKind::Xen => Err(Usage(
             "this domsnap was built without Xen support: rebuild with `cargo build --release --features xen` on a dom0"
@@ -166,11 +202,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         open_engine(cli.host, &state, access, domain, cli.wait, json)
     };
     match cli.command {
+        Command::Domain(DomainCommand::List) => {
+            let engine = open(Access::Read, None)?;
+            output::domains(&engine.host().domains()?, json)
+        }
+        Command::Domain(DomainCommand::Info { name }) => {
+            let engine = open(Access::Read, None)?;
+            let info = engine.host().domain(&name)?;
+            output::domain(&info, engine.unfinished(&name)?.as_ref(), json)
+        }
         Command::Domain(cmd) => {
-            // Like every command, finish or undo interrupted operations first (when no other
-            // domsnap process holds the journal), so a domain is never seen half-done.
-            drop(open(Access::Read, None)?);
-            domain_command(cli.host, &state, cmd, json)
+            let (name, action) = domain_action(cmd)?;
+            let mut engine = open(Access::Write, Some(&name))?;
+            match engine.domain_command(&name, &action)? {
+                Some(info) => output::domain(&info, None, json),
+                None => output::undefined(&name, json),
+            }
         }
         Command::Create(a) => {
             let name = match a.name {
@@ -223,6 +270,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(a) => {
             let engine = open(Access::Read, None)?;
             let list = engine.list(&a.domain)?;
+            if let Some(open) = engine.unfinished(&a.domain)? {
+                output::warn_unfinished(&a.domain, &open);
+            }
             if a.tree && !json {
                 output::tree(&engine.catalog(&a.domain)?, &a.domain)
             } else {
@@ -243,11 +293,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             output::history(&ops, json)
         }
-        Command::Recover => {
-            // Opening for writing runs recovery; run it once more to report.
+        Command::Recover(a) => {
+            // Opening for writing runs the automatic recovery; this one also retries what
+            // needs recovery, and reports.
             let mut engine = open(Access::Write, None)?;
-            let report = engine.recover()?;
-            output::recovered(&report, json)
+            let report = engine.recover(RecoverMode::Requested { force: a.force })?;
+            output::recovered(&report, json)?;
+            match report.iter().filter(|r| r.open).count() {
+                0 => Ok(()),
+                n => Err(Unrecovered(n).into()),
+            }
         }
         Command::Verify(a) => {
             let access = if a.rebuild || a.repair {
@@ -333,83 +388,39 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| Usage(format!("size {s:?} is too large")).into())
 }
 
-fn sim_only(kind: HostKind) -> anyhow::Result<()> {
-    if kind == HostKind::Sim {
-        Ok(())
-    } else {
-        Err(Usage("`domain` commands manage the simulated host; on Xen use `xl`".into()).into())
-    }
-}
-
-fn domain_command(
-    kind: HostKind,
-    state: &Path,
-    cmd: DomainCommand,
-    json: bool,
-) -> anyhow::Result<()> {
-    let host_box = open_host(kind, state)?;
-    let sim = || -> anyhow::Result<SimHost> {
-        sim_only(kind)?;
-        Ok(SimHost::open(state)?)
-    };
-    match cmd {
+/// The engine's form of a `domain` command that changes something, and its domain.
+fn domain_action(cmd: DomainCommand) -> anyhow::Result<(String, DomainAction)> {
+    Ok(match cmd {
         DomainCommand::Define {
             name,
             memory,
             disks,
             workload,
         } => {
-            let sim = sim()?;
-            let memory = parse_size(&memory)?;
-            let sizes = disks
-                .iter()
-                .map(|d| parse_size(d))
-                .collect::<anyhow::Result<Vec<u64>>>()?;
-            let info = sim.define(&name, memory, &sizes)?;
-            if let Some(w) = workload {
-                sim.set_workload(&name, w.parse()?)?;
-            }
-            output::domain(&info, json)
+            let spec = DomainSpec {
+                memory_bytes: parse_size(&memory)?,
+                disk_sizes: disks
+                    .iter()
+                    .map(|d| parse_size(d))
+                    .collect::<anyhow::Result<Vec<u64>>>()?,
+                workload,
+            };
+            (name, DomainAction::Define(spec))
         }
         DomainCommand::Start {
             name,
             workload,
             paused,
-        } => {
-            if let Some(w) = workload {
-                sim()?.set_workload(&name, w.parse()?)?;
-            }
-            host_box.start(&name, paused)?;
-            output::domain(&host_box.domain(&name)?, json)
+        } => (name, DomainAction::Start { paused, workload }),
+        DomainCommand::Pause { name } => (name, DomainAction::Pause),
+        DomainCommand::Unpause { name } => (name, DomainAction::Unpause),
+        DomainCommand::Shutdown { name } => (name, DomainAction::Shutdown),
+        DomainCommand::Destroy { name } => (name, DomainAction::Destroy),
+        DomainCommand::Undefine { name, snapshots } => (name, DomainAction::Undefine { snapshots }),
+        DomainCommand::List | DomainCommand::Info { .. } => {
+            return Err(Usage("`domain list` and `domain info` change nothing".into()).into())
         }
-        DomainCommand::Pause { name } => {
-            host_box.pause(&name)?;
-            output::domain(&host_box.domain(&name)?, json)
-        }
-        DomainCommand::Unpause { name } => {
-            host_box.unpause(&name)?;
-            output::domain(&host_box.domain(&name)?, json)
-        }
-        DomainCommand::Shutdown { name } => {
-            sim()?.shutdown(&name)?;
-            output::domain(&host_box.domain(&name)?, json)
-        }
-        DomainCommand::Destroy { name } => {
-            host_box.destroy(&name)?;
-            output::domain(&host_box.domain(&name)?, json)
-        }
-        DomainCommand::Undefine { name } => {
-            sim()?.undefine(&name)?;
-            if json {
-                println!("{}", serde_json::json!({ "undefined": name }));
-            } else {
-                println!("domain {name} undefined");
-            }
-            Ok(())
-        }
-        DomainCommand::List => output::domains(&host_box.domains()?, json),
-        DomainCommand::Info { name } => output::domain(&host_box.domain(&name)?, json),
-    }
+    })
 }
 
 #[cfg(test)]

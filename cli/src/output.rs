@@ -4,7 +4,7 @@ use serde_json::json;
 
 use engine::memstore::GcReport;
 use engine::recovery::Recovered;
-use engine::{OpView, SnapshotView, VerifyReport};
+use engine::{OpView, OpenOp, SnapshotView, VerifyReport};
 use journal::DomainCatalog;
 use xen::DomainInfo;
 
@@ -32,6 +32,7 @@ fn domain_json(info: &DomainInfo) -> serde_json::Value {
     json!({
         "name": info.name,
         "state": info.state.to_string(),
+        "instance": info.instance,
         "memory": {
             "path": info.memory_path.as_ref().map(|p| p.display().to_string()),
             "bytes": info.memory_bytes,
@@ -44,12 +45,42 @@ fn domain_json(info: &DomainInfo) -> serde_json::Value {
     })
 }
 
-/// `domain info` and the result of other `domain` commands.
-pub fn domain(info: &DomainInfo, json: bool) -> anyhow::Result<()> {
+fn open_text(open: &OpenOp) -> String {
+    let what = if open.snapshot.is_empty() {
+        open.kind.as_str().to_string()
+    } else {
+        format!("{} of {}", open.kind.as_str(), open.snapshot)
+    };
+    match (&open.error, open.needs_recovery) {
+        (Some(e), true) => format!(
+            "operation {} ({what}) needs recovery: {e}; run `domsnap recover`",
+            open.op
+        ),
+        (None, true) => format!(
+            "operation {} ({what}) needs recovery; run `domsnap recover`",
+            open.op
+        ),
+        _ => format!("operation {} ({what}) is unfinished", open.op),
+    }
+}
+
+/// Tells on stderr that `domain` has an unfinished operation.
+pub fn warn_unfinished(domain: &str, open: &OpenOp) {
+    eprintln!("domsnap: warning: domain {domain}: {}", open_text(open));
+}
+
+/// `domain info` (with the domain's unfinished operation) and the result of other `domain`
+/// commands.
+pub fn domain(info: &DomainInfo, open: Option<&OpenOp>, json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&domain_json(info));
+        let mut v = domain_json(info);
+        v["unfinished"] = serde_json::to_value(open)?;
+        return print_json(&v);
     }
     println!("domain {}: {}", info.name, info.state);
+    if let Some(open) = open {
+        println!("  {}", open_text(open));
+    }
     println!("  memory  {}", bytes(info.memory_bytes));
     if let Some(p) = &info.memory_path {
         println!("          {}", p.display());
@@ -57,6 +88,15 @@ pub fn domain(info: &DomainInfo, json: bool) -> anyhow::Result<()> {
     for d in &info.disks {
         println!("  {:<6}  {} ({})", d.target, d.path.display(), d.format);
     }
+    Ok(())
+}
+
+/// `domain undefine`.
+pub fn undefined(name: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&json!({ "undefined": name }));
+    }
+    println!("domain {name} undefined");
     Ok(())
 }
 
@@ -291,10 +331,19 @@ pub fn recovered(report: &[Recovered], json: bool) -> anyhow::Result<()> {
         println!("nothing to recover");
     }
     for r in report {
-        println!(
-            "operation {} ({} {}/{}): rolled {} — {}; {}",
-            r.op, r.kind, r.domain, r.snapshot, r.decision, r.reason, r.result
-        );
+        let what = if r.snapshot.is_empty() {
+            r.domain.clone()
+        } else {
+            format!("{}/{}", r.domain, r.snapshot)
+        };
+        if r.decision.is_empty() {
+            println!("operation {} ({} {what}): {}", r.op, r.kind, r.result);
+        } else {
+            println!(
+                "operation {} ({} {what}): rolled {} — {}; {}",
+                r.op, r.kind, r.decision, r.reason, r.result
+            );
+        }
     }
     Ok(())
 }

@@ -1,16 +1,17 @@
 //! `create`: take a checkpoint (memory + every disk at one instant) or a disk-only snapshot.
 
 use journal::{
-    Batch, Decision, DiskSnapshot, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind,
+    Batch, CatalogChange, Decision, DiskSnapshot, DomainState, OpKind, OpParams, SnapshotKind,
     SnapshotMeta, StepDetail,
 };
 use std::path::{Path, PathBuf};
 
 use xen::RunState;
 
-use crate::engine::{error_chain, Engine};
+use crate::engine::{crash_point, Engine};
 use crate::error::{Error, Result};
-use crate::plan::{decide, Progress, Step};
+use crate::plan::{Failpoint, Operation, Progress, Rule, Step, StepKind, StepRule};
+use crate::runner::{journal_state, NewOp, OpRecord};
 
 /// What to create.
 #[derive(Debug, Clone, Default)]
@@ -27,15 +28,6 @@ pub struct CreateRequest {
     pub external: bool,
     /// Free text.
     pub description: Option<String>,
-}
-
-/// The journal's name for a host run state.
-pub(crate) fn journal_state(s: RunState) -> DomainState {
-    match s {
-        RunState::Shutoff => DomainState::Shutoff,
-        RunState::Running => DomainState::Running,
-        RunState::Paused => DomainState::Paused,
-    }
 }
 
 /// The qcow2 snapshot tag of snapshot `name` taken by operation `op`: checkable by recovery.
@@ -72,6 +64,326 @@ impl<W: std::io::Write> std::io::Write for Counting<'_, W> {
     }
 }
 
+/// The description of `create`.
+#[derive(Debug)]
+pub(crate) struct Create;
+
+/// The one instance.
+pub(crate) static CREATE: Create = Create;
+
+const STEPS: &[StepRule] = &[
+    StepRule::undo(
+        StepKind::Pause,
+        "pause the domain",
+        "restore the run state it had (same boot only)",
+    ),
+    StepRule::undo(
+        StepKind::SaveMemory,
+        "save memory into the image store; the domain stays paused",
+        "drop what it stored but did not record; restore the run state it had",
+    ),
+    StepRule::undo(
+        StepKind::SnapshotDisk,
+        "take the disk snapshot (internal tag `name@op`, or an external overlay)",
+        "delete the internal tag (an external overlay stays: it is empty)",
+    ),
+    StepRule::redo(
+        StepKind::Resume,
+        "unpause if it was running (same boot only)",
+    ),
+];
+
+const RULES: &[Rule] = &[
+    Rule {
+        interrupted: "before every data step (memory, each disk) finished",
+        recovery:
+            "roll back: delete the disk snapshots, release the memory image, restore the run state",
+    },
+    Rule {
+        interrupted: "after every data step finished",
+        recovery: "roll forward: resume if it was running, commit",
+    },
+];
+
+/// The crash point inside `save-memory`, after the image is stored and before its
+/// `StepDone`.
+const SAVE_MEMORY_INGESTED: &str = "save-memory-ingested";
+
+impl Operation for Create {
+    fn kind(&self) -> OpKind {
+        OpKind::Create
+    }
+
+    fn steps(&self) -> &'static [StepRule] {
+        STEPS
+    }
+
+    fn rules(&self) -> &'static [Rule] {
+        RULES
+    }
+
+    fn extra_failpoints(&self) -> &'static [&'static str] {
+        &[SAVE_MEMORY_INGESTED]
+    }
+
+    fn decide(&self, plan: &[Step], progress: &Progress) -> (Decision, String) {
+        let missing: Vec<String> = plan
+            .iter()
+            .filter(|s| s.is_data() && !progress.is_done(s))
+            .map(ToString::to_string)
+            .collect();
+        if missing.is_empty() {
+            (
+                Decision::Forward,
+                "every data step had finished: finish and commit".into(),
+            )
+        } else {
+            (
+                Decision::Back,
+                format!("data steps not finished ({}): undo", missing.join(", ")),
+            )
+        }
+    }
+
+    fn redo(&self, e: &mut Engine, op: &OpRecord, step: &Step) -> Result<(StepDetail, Batch)> {
+        let domain = op.domain();
+        let none = || Ok((StepDetail::default(), Batch::new()));
+        match step {
+            Step::Pause => {
+                e.host.pause(domain)?;
+                none()
+            }
+            Step::SaveMemory => {
+                let total = e.host.domain(domain)?.memory_bytes;
+                let parent = parent_checkpoint(e, op)?;
+                let host = e.host.as_ref();
+                let observer = e.observer.as_ref();
+                // Where the host logs the pages written since the parent checkpoint was
+                // taken, only those are read.
+                let mut captured = None;
+                let mut read_pages = None;
+                if let Some((image, parent_op)) = &parent {
+                    if host.dirty_pages(domain)?.is_some() {
+                        host.pause(domain)?;
+                        if let Some(dirty) = host.dirty_pages(domain)? {
+                            if dirty.base == *parent_op {
+                                read_pages = Some(dirty.pages.len());
+                                captured = e.memory.capture_pages(
+                                    &e.journal,
+                                    op.op(),
+                                    image,
+                                    total,
+                                    &dirty.pages,
+                                    |sink| {
+                                        host.read_memory_pages(domain, &dirty.pages, sink)?;
+                                        Ok::<(), Error>(())
+                                    },
+                                )?;
+                            }
+                        }
+                    }
+                }
+                let note = read_pages.filter(|_| captured.is_some()).map(|n| {
+                    format!("read only the {n} pages the domain wrote since its parent checkpoint")
+                });
+                let captured = match captured {
+                    Some(c) => c,
+                    None => e.memory.capture(
+                        &e.journal,
+                        op.op(),
+                        parent.as_ref().map(|(image, _)| image.as_str()),
+                        |sink| {
+                            let mut counting = Counting {
+                                inner: sink,
+                                bytes: 0,
+                                total,
+                                observer,
+                            };
+                            host.save_memory(domain, &mut counting)?;
+                            Ok::<(), Error>(())
+                        },
+                    )?,
+                };
+                // From here on the log holds what the guest writes after this checkpoint.
+                host.reset_dirty_pages(domain, op.op())?;
+                crash_point(&Failpoint::extra(OpKind::Create, SAVE_MEMORY_INGESTED));
+                let sealed = e.memory.seal(captured)?;
+                Ok((
+                    StepDetail {
+                        bytes_read: Some(sealed.bytes),
+                        bytes_new: Some(sealed.bytes_new),
+                        image: Some(sealed.image),
+                        note,
+                    },
+                    sealed.batch,
+                ))
+            }
+            Step::SnapshotDisk(target) => {
+                let disk = snapshot_disk(op, target)?;
+                if disk.external {
+                    e.host
+                        .create_external_snapshot(domain, target, Path::new(&disk.tag))?;
+                } else {
+                    e.host.create_disk_snapshot(domain, target, &disk.tag)?;
+                }
+                none()
+            }
+            Step::Resume => {
+                let info = e.host.domain(domain)?;
+                if op.begun.prior_state == DomainState::Running
+                    && info.state == RunState::Paused
+                    && op.is_begin_boot(info.instance)
+                {
+                    e.host.unpause(domain)?;
+                }
+                none()
+            }
+            other => Err(not_a_step(op, other)),
+        }
+    }
+
+    fn undo(&self, e: &mut Engine, op: &OpRecord, step: &Step) -> Result<Batch> {
+        let domain = op.domain();
+        match step {
+            Step::Pause => {
+                restore_run_state(e, op)?;
+                Ok(Batch::new())
+            }
+            Step::SaveMemory => {
+                let batch = match op
+                    .progress
+                    .detail(&Step::SaveMemory)
+                    .and_then(|d| d.image.clone())
+                {
+                    Some(image) => e.memory.release(&e.journal, &image)?,
+                    None => {
+                        e.memory.abandon(&e.journal, op.op())?;
+                        Batch::new()
+                    }
+                };
+                restore_run_state(e, op)?;
+                Ok(batch)
+            }
+            // An external snapshot's overlay stays as the disk's image: it is empty (the
+            // domain has not run since), so the disk reads as before.
+            Step::SnapshotDisk(target) => {
+                let disk = snapshot_disk(op, target)?;
+                if !disk.external && e.host.domain(domain)?.disk(target).is_some() {
+                    e.host.delete_disk_snapshot(domain, target, &disk.tag)?;
+                }
+                Ok(Batch::new())
+            }
+            other => Err(not_a_step(op, other)),
+        }
+    }
+
+    fn commit(&self, _e: &mut Engine, op: &OpRecord) -> Result<CatalogChange> {
+        let mut meta = op
+            .begun
+            .params
+            .snapshot
+            .clone()
+            .ok_or_else(|| Error::Corrupt {
+                op: op.op(),
+                what: "its parameters".into(),
+                why: "hold no snapshot".into(),
+            })?;
+        if let Some(detail) = op.progress.detail(&Step::SaveMemory) {
+            meta.memory_image = detail.image.clone();
+            meta.memory_bytes = detail.bytes_read.unwrap_or(0);
+        }
+        Ok(CatalogChange::Created(meta))
+    }
+
+    fn abandon(&self, e: &mut Engine, op: &OpRecord) -> Result<Batch> {
+        // The domain is gone: its disks with it. The memory image is the store's to free.
+        if op.progress.undone.contains(&Step::SaveMemory) {
+            return Ok(Batch::new());
+        }
+        match op
+            .progress
+            .detail(&Step::SaveMemory)
+            .and_then(|d| d.image.clone())
+        {
+            Some(image) => Ok(e.memory.release(&e.journal, &image)?),
+            None => {
+                e.memory.abandon(&e.journal, op.op())?;
+                Ok(Batch::new())
+            }
+        }
+    }
+}
+
+/// The memory image (and operation) of the nearest checkpoint above the snapshot being
+/// created: what its memory is compared with first.
+fn parent_checkpoint(e: &Engine, op: &OpRecord) -> Result<Option<(String, u64)>> {
+    let catalog = e.journal.domain_catalog(op.domain())?;
+    let mut next = op
+        .begun
+        .params
+        .snapshot
+        .as_ref()
+        .and_then(|s| s.parent.clone());
+    let mut steps = 0;
+    while let Some(name) = next {
+        let Some(snap) = catalog.snapshots.get(&name) else {
+            break;
+        };
+        if let Some(image) = &snap.memory_image {
+            return Ok(Some((image.clone(), snap.op)));
+        }
+        next = snap.parent.clone();
+        steps += 1;
+        if steps > catalog.snapshots.len() {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+/// The error for a step that is not part of the operation's kind.
+pub(crate) fn not_a_step(op: &OpRecord, step: &Step) -> Error {
+    Error::Corrupt {
+        op: op.op(),
+        what: format!("step {step}"),
+        why: format!("is not a step of {}", op.begun.kind.as_str()),
+    }
+}
+
+/// The snapshot's record of disk `target`, from the operation's parameters.
+fn snapshot_disk<'a>(op: &'a OpRecord, target: &str) -> Result<&'a DiskSnapshot> {
+    op.begun
+        .params
+        .snapshot
+        .as_ref()
+        .and_then(|s| s.disks.iter().find(|d| d.target == target))
+        .ok_or_else(|| Error::Corrupt {
+            op: op.op(),
+            what: format!("disk {target}"),
+            why: "is not in the operation's snapshot".into(),
+        })
+}
+
+/// Brings the boot the operation began with back to the run state it had then: unpause if
+/// it ran, pause again if it was paused (`xl save` resumes a domain when it fails). Another
+/// boot (started after an interruption) is left alone.
+pub(crate) fn restore_run_state(e: &mut Engine, op: &OpRecord) -> Result<()> {
+    let info = match e.host.domain(op.domain()) {
+        Ok(info) => info,
+        Err(xen::Error::NoSuchDomain(_)) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    if !op.is_begin_boot(info.instance) {
+        return Ok(());
+    }
+    match (op.begun.prior_state, info.state) {
+        (DomainState::Running, RunState::Paused) => e.host.unpause(op.domain())?,
+        (DomainState::Paused, RunState::Running) => e.host.pause(op.domain())?,
+        _ => {}
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Creates a snapshot. A shut-off domain gets a disk-only snapshot (it has no memory);
     /// a running or paused one a checkpoint unless `disk_only`.
@@ -95,7 +407,7 @@ impl Engine {
             };
             return Err(Error::Refused(format!(
                 "domain {:?} has {has} snapshots (e.g. {:?}); its snapshots must all be {has}, \
-                 so an {asked} one cannot be added. Nothing was changed.",
+                 so an {asked} one cannot be added",
                 req.domain, other.name
             )));
         }
@@ -120,7 +432,7 @@ impl Engine {
             return Err(Error::Refused(format!(
                 "domain {:?} is running: a disk-only snapshot of a running domain is only \
                  crash-consistent (guest caches are not flushed). Pass --crash-consistent to \
-                 accept that, or take a checkpoint (without --disk-only). Nothing was changed.",
+                 accept that, or take a checkpoint (without --disk-only)",
                 req.domain
             )));
         }
@@ -176,12 +488,14 @@ impl Engine {
             description: req.description.clone(),
             crash_consistent: disk_only && state == RunState::Running,
         };
-        let begun = self.begin(
-            OpKind::Create,
-            &info,
-            &req.name,
-            &plan,
-            OpParams {
+        let (_, change) = self.execute(NewOp {
+            kind: OpKind::Create,
+            domain: req.domain.clone(),
+            snapshot: req.name.clone(),
+            prior: state,
+            instance: info.instance,
+            plan,
+            params: OpParams {
                 disk_only,
                 crash_consistent: meta.crash_consistent,
                 external: req.external,
@@ -189,281 +503,13 @@ impl Engine {
                 snapshot: Some(meta),
                 ..OpParams::default()
             },
-        )?;
-        debug_assert_eq!(begun.op, op);
-
-        let mut progress = Progress::default();
-        for step in &plan {
-            progress.begun.push(step.clone());
-            match self.run_step(&begun, step, |e| e.create_step(&begun, step)) {
-                Ok(_) => progress.done.push(step.clone()),
-                Err(err) => {
-                    // The same rule as recovery's: once every data step is done the
-                    // snapshot is complete and is finished, never thrown away.
-                    let aftermath = match decide(OpKind::Create, &plan, &progress).0 {
-                        Decision::Forward => "the snapshot itself is complete; the next domsnap \
-                            command finishes the operation and restores the run state"
-                            .to_string(),
-                        Decision::Back => {
-                            match self.undo_create(&begun, &progress, &error_chain(&err)) {
-                                Ok(()) => {
-                                    "the snapshot was rolled back; the domain is as it was".into()
-                                }
-                                Err(undo) => format!(
-                                    "rolling back failed too ({}); the next domsnap command will \
-                                     retry",
-                                    error_chain(&undo)
-                                ),
-                            }
-                        }
-                    };
-                    return Err(Error::StepFailed {
-                        op: "create",
-                        domain: req.domain.clone(),
-                        snapshot: req.name.clone(),
-                        step: step.to_string(),
-                        aftermath,
-                        source: Box::new(err),
-                    });
-                }
-            }
-        }
-        self.commit_create(&begun)
-    }
-
-    /// The forward action of one create step.
-    fn create_step(&mut self, b: &OpBegun, step: &Step) -> Result<(StepDetail, Batch)> {
-        let domain = &b.domain;
-        match step {
-            Step::Pause => {
-                self.host.pause(domain)?;
-                Ok((StepDetail::default(), Batch::new()))
-            }
-            Step::SaveMemory => {
-                let total = self.host.domain(domain)?.memory_bytes;
-                let parent = self.parent_checkpoint(b)?;
-                let host = self.host.as_ref();
-                let observer = self.observer.as_ref();
-                // Where the host logs the pages written since the parent checkpoint was
-                // taken, only those are read.
-                let mut captured = None;
-                let mut read_pages = None;
-                if let Some((image, parent_op)) = &parent {
-                    if host.dirty_pages(domain)?.is_some() {
-                        host.pause(domain)?;
-                        if let Some(dirty) = host.dirty_pages(domain)? {
-                            if dirty.base == *parent_op {
-                                read_pages = Some(dirty.pages.len());
-                                captured = self.memory.capture_pages(
-                                    &self.journal,
-                                    b.op,
-                                    image,
-                                    total,
-                                    &dirty.pages,
-                                    |sink| {
-                                        host.read_memory_pages(domain, &dirty.pages, sink)?;
-                                        Ok::<(), Error>(())
-                                    },
-                                )?;
-                            }
-                        }
-                    }
-                }
-                let note = read_pages.filter(|_| captured.is_some()).map(|n| {
-                    format!("read only the {n} pages the domain wrote since its parent checkpoint")
-                });
-                let captured = match captured {
-                    Some(c) => c,
-                    None => self.memory.capture(
-                        &self.journal,
-                        b.op,
-                        parent.as_ref().map(|(image, _)| image.as_str()),
-                        |sink| {
-                            let mut counting = Counting {
-                                inner: sink,
-                                bytes: 0,
-                                total,
-                                observer,
-                            };
-                            host.save_memory(domain, &mut counting)?;
-                            Ok::<(), Error>(())
-                        },
-                    )?,
-                };
-                // From here on the log holds what the guest writes after this checkpoint.
-                host.reset_dirty_pages(domain, b.op)?;
-                crate::engine::crash_point("engine::create::save-memory-ingested");
-                let sealed = self.memory.seal(captured)?;
-                Ok((
-                    StepDetail {
-                        bytes_read: Some(sealed.bytes),
-                        bytes_new: Some(sealed.bytes_new),
-                        image: Some(sealed.image),
-                        note,
-                    },
-                    sealed.batch,
-                ))
-            }
-            Step::SnapshotDisk(target) => {
-                let disk = b
-                    .params
-                    .snapshot
-                    .as_ref()
-                    .and_then(|s| s.disks.iter().find(|d| &d.target == target))
-                    .ok_or_else(|| {
-                        Error::Refused(format!("operation {} has no disk {target}", b.op))
-                    })?;
-                if disk.external {
-                    self.host
-                        .create_external_snapshot(domain, target, Path::new(&disk.tag))?;
-                } else {
-                    self.host.create_disk_snapshot(domain, target, &disk.tag)?;
-                }
-                Ok((StepDetail::default(), Batch::new()))
-            }
-            Step::Resume => {
-                self.resume_if_was_running(b)?;
-                Ok((StepDetail::default(), Batch::new()))
-            }
+            notes: Vec::new(),
+        })?;
+        match change {
+            CatalogChange::Created(meta) => Ok(meta),
             other => Err(Error::Refused(format!(
-                "step {other} is not part of create"
+                "create committed an unexpected change {other:?}"
             ))),
         }
-    }
-
-    /// The memory image (and operation) of the nearest checkpoint above the snapshot being
-    /// created: what its memory is compared with first.
-    fn parent_checkpoint(&self, b: &OpBegun) -> Result<Option<(String, u64)>> {
-        let catalog = self.journal.domain_catalog(&b.domain)?;
-        let mut next = b.params.snapshot.as_ref().and_then(|s| s.parent.clone());
-        let mut steps = 0;
-        while let Some(name) = next {
-            let Some(snap) = catalog.snapshots.get(&name) else {
-                break;
-            };
-            if let Some(image) = &snap.memory_image {
-                return Ok(Some((image.clone(), snap.op)));
-            }
-            next = snap.parent.clone();
-            steps += 1;
-            if steps > catalog.snapshots.len() {
-                break;
-            }
-        }
-        Ok(None)
-    }
-
-    /// Unpauses the domain if it was running when the operation began and is paused now.
-    pub(crate) fn resume_if_was_running(&mut self, b: &OpBegun) -> Result<()> {
-        if b.prior_state != DomainState::Running {
-            return Ok(());
-        }
-        match self.host.domain(&b.domain)?.state {
-            RunState::Paused => Ok(self.host.unpause(&b.domain)?),
-            _ => Ok(()),
-        }
-    }
-
-    /// Commits a create whose data steps are all done (normal path and roll-forward).
-    pub(crate) fn commit_create(&mut self, b: &OpBegun) -> Result<SnapshotMeta> {
-        let events = self.journal.op_events(b.op)?;
-        let mut meta = b
-            .params
-            .snapshot
-            .clone()
-            .ok_or_else(|| Error::Refused(format!("operation {} has no snapshot", b.op)))?;
-        for event in &events {
-            if let Event::StepDone { step, detail, .. } = event {
-                if Step::parse(step) == Some(Step::SaveMemory) {
-                    meta.memory_image = detail.image.clone();
-                    meta.memory_bytes = detail.bytes_read.unwrap_or(0);
-                }
-            }
-        }
-        crate::engine::crash_point("engine::create::before-commit");
-        self.end(
-            Event::OpCommitted {
-                op: b.op,
-                at: journal::now_millis(),
-                change: journal::CatalogChange::Created(meta.clone()),
-            },
-            Batch::new(),
-        )?;
-        Ok(meta)
-    }
-
-    /// Rolls a create forward: resume if needed, commit.
-    pub(crate) fn forward_create(&mut self, b: &OpBegun, progress: &Progress) -> Result<()> {
-        let plan: Vec<Step> = b.steps.iter().filter_map(|s| Step::parse(s)).collect();
-        if plan.contains(&Step::Resume) && !progress.is_done(&Step::Resume) {
-            self.run_step(b, &Step::Resume, |e| {
-                if e.host.domain(&b.domain)?.state.is_active() {
-                    e.resume_if_was_running(b)?;
-                }
-                Ok((StepDetail::default(), Batch::new()))
-            })?;
-        }
-        self.commit_create(b)?;
-        Ok(())
-    }
-
-    /// Undoes every step of a create that began, in reverse, restores the run state, and
-    /// journals `OpRolledBack`.
-    pub(crate) fn undo_create(
-        &mut self,
-        b: &OpBegun,
-        progress: &Progress,
-        reason: &str,
-    ) -> Result<()> {
-        let events = self.journal.op_events(b.op)?;
-        let image = events.iter().find_map(|e| match e {
-            Event::StepDone { step, detail, .. } if Step::parse(step) == Some(Step::SaveMemory) => {
-                detail.image.clone()
-            }
-            _ => None,
-        });
-        let undone: Vec<String> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::StepDone { step, .. } => step.strip_prefix("undo:").map(str::to_string),
-                _ => None,
-            })
-            .collect();
-        for step in progress.begun.iter().rev() {
-            if undone.contains(&step.to_string()) {
-                continue;
-            }
-            match step {
-                // An external snapshot's overlay stays as the disk's image: it is empty
-                // (the domain has not run since), so the disk reads as before.
-                Step::SnapshotDisk(_) if b.params.external => {}
-                Step::SnapshotDisk(target) => {
-                    let tag = disk_tag(&b.snapshot, b.op);
-                    self.run_undo(b, step, |e| {
-                        if e.host.domain(&b.domain)?.disk(target).is_some() {
-                            e.host.delete_disk_snapshot(&b.domain, target, &tag)?;
-                        }
-                        Ok(Batch::new())
-                    })?;
-                }
-                Step::SaveMemory => match &image {
-                    Some(image) => {
-                        let image = image.clone();
-                        self.run_undo(b, step, |e| Ok(e.memory.release(&e.journal, &image)?))?;
-                    }
-                    None => self.memory.abandon(&self.journal, b.op)?,
-                },
-                _ => {}
-            }
-        }
-        // The run state the domain had before: never leave it paused by us.
-        if b.prior_state == DomainState::Running {
-            if let Ok(info) = self.host.domain(&b.domain) {
-                if info.state == RunState::Paused {
-                    self.host.unpause(&b.domain)?;
-                }
-            }
-        }
-        self.end_rolled_back(b, reason)
     }
 }

@@ -1,11 +1,13 @@
 //! `delete`: remove a snapshot (or a subtree) from every disk, the catalog and the memory
 //! image store. Children of a deleted snapshot move to its parent.
 
-use journal::{Batch, Event, OpBegun, OpKind, OpParams, SnapshotKind, StepDetail};
+use journal::{Batch, CatalogChange, Decision, OpKind, OpParams, SnapshotKind, StepDetail};
 
+use crate::create::not_a_step;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::plan::{Progress, Step};
+use crate::plan::{Operation, Progress, Rule, Step, StepKind, StepRule};
+use crate::runner::{NewOp, OpRecord};
 
 /// What to delete.
 #[derive(Debug, Clone, Default)]
@@ -16,6 +18,61 @@ pub struct DeleteRequest {
     pub name: String,
     /// Delete its whole subtree too.
     pub children: bool,
+}
+
+/// The description of `delete`.
+#[derive(Debug)]
+pub(crate) struct Delete;
+
+/// The one instance.
+pub(crate) static DELETE: Delete = Delete;
+
+const STEPS: &[StepRule] = &[
+    StepRule::redo(
+        StepKind::DeleteDisk,
+        "delete the disk snapshot tag / remove the snapshot's image from the chain",
+    ),
+    StepRule::redo(StepKind::ReleaseImage, "release the memory image"),
+];
+
+const RULES: &[Rule] = &[Rule {
+    interrupted: "anywhere",
+    recovery: "roll forward",
+}];
+
+impl Operation for Delete {
+    fn kind(&self) -> OpKind {
+        OpKind::Delete
+    }
+
+    fn steps(&self) -> &'static [StepRule] {
+        STEPS
+    }
+
+    fn rules(&self) -> &'static [Rule] {
+        RULES
+    }
+
+    fn decide(&self, _plan: &[Step], _progress: &Progress) -> (Decision, String) {
+        (Decision::Forward, "deletes always finish".into())
+    }
+
+    fn redo(&self, e: &mut Engine, op: &OpRecord, step: &Step) -> Result<(StepDetail, Batch)> {
+        match step {
+            Step::DeleteDisk(name, target) => {
+                e.delete_disk_snapshot(op.domain(), name, target)?;
+                Ok((StepDetail::default(), Batch::new()))
+            }
+            Step::ReleaseImage(name) => Ok((StepDetail::default(), e.release_image_of(op, name)?)),
+            other => Err(not_a_step(op, other)),
+        }
+    }
+
+    fn commit(&self, _e: &mut Engine, op: &OpRecord) -> Result<CatalogChange> {
+        Ok(CatalogChange::Deleted {
+            names: op.begun.params.delete_names.clone(),
+        })
+    }
 }
 
 impl Engine {
@@ -43,81 +100,55 @@ impl Engine {
                 plan.push(Step::ReleaseImage(name.clone()));
             }
         }
-        let begun = self.begin(
-            OpKind::Delete,
-            &info,
-            &req.name,
-            &plan,
-            OpParams {
+        self.execute(NewOp {
+            kind: OpKind::Delete,
+            domain: req.domain.clone(),
+            snapshot: req.name.clone(),
+            prior: info.state,
+            instance: info.instance,
+            plan,
+            params: OpParams {
                 delete_names: names.clone(),
                 ..OpParams::default()
             },
-        )?;
-        self.forward_delete(&begun, &Progress::default())
-            .map_err(|err| Error::StepFailed {
-                op: "delete",
-                domain: req.domain.clone(),
-                snapshot: req.name.clone(),
-                step: "delete".into(),
-                aftermath: "deletes always finish: the next domsnap command completes it".into(),
-                source: Box::new(err),
-            })?;
+            notes: Vec::new(),
+        })?;
         Ok(names)
     }
 
-    /// Runs every delete step not done yet, then commits. Used by recovery too.
-    pub(crate) fn forward_delete(&mut self, b: &OpBegun, progress: &Progress) -> Result<()> {
-        let catalog = self.journal.domain_catalog(&b.domain)?;
-        let plan: Vec<Step> = b.steps.iter().filter_map(|s| Step::parse(s)).collect();
-        for step in &plan {
-            if progress.is_done(step) {
-                continue;
+    /// Deletes snapshot `name`'s part of disk `target` (as the catalog records it): its tag,
+    /// or for an external snapshot its image, pulled out of the chain. Ok if the disk or the
+    /// snapshot is gone already.
+    fn delete_disk_snapshot(&mut self, domain: &str, name: &str, target: &str) -> Result<()> {
+        let catalog = self.journal.domain_catalog(domain)?;
+        let disk = catalog
+            .snapshots
+            .get(name)
+            .and_then(|s| s.disks.iter().find(|d| d.target == target));
+        let exists = self.host.domain(domain)?.disk(target).is_some();
+        match (disk, exists) {
+            (Some(d), true) if d.external => {
+                self.host
+                    .remove_image(domain, target, std::path::Path::new(&d.path))?
             }
-            self.run_step(b, step, |e| match step {
-                Step::DeleteDisk(name, target) => {
-                    let disk = catalog
-                        .snapshots
-                        .get(name)
-                        .and_then(|s| s.disks.iter().find(|d| &d.target == target));
-                    let exists = e.host.domain(&b.domain)?.disk(target).is_some();
-                    match (disk, exists) {
-                        (Some(d), true) if d.external => {
-                            e.host
-                                .remove_image(&b.domain, target, std::path::Path::new(&d.path))?
-                        }
-                        (Some(d), true) => {
-                            e.host.delete_disk_snapshot(&b.domain, target, &d.tag)?
-                        }
-                        _ => {}
-                    }
-                    Ok((StepDetail::default(), Batch::new()))
-                }
-                Step::ReleaseImage(name) => {
-                    let image = catalog
-                        .snapshots
-                        .get(name)
-                        .and_then(|s| s.memory_image.clone());
-                    let batch = match image {
-                        Some(image) => e.memory.release(&e.journal, &image)?,
-                        None => Batch::new(),
-                    };
-                    Ok((StepDetail::default(), batch))
-                }
-                other => Err(Error::Refused(format!(
-                    "step {other} is not part of delete"
-                ))),
-            })?;
+            (Some(d), true) => self.host.delete_disk_snapshot(domain, target, &d.tag)?,
+            _ => {}
         }
-        crate::engine::crash_point("engine::delete::before-commit");
-        self.end(
-            Event::OpCommitted {
-                op: b.op,
-                at: journal::now_millis(),
-                change: journal::CatalogChange::Deleted {
-                    names: b.params.delete_names.clone(),
-                },
-            },
-            Batch::new(),
-        )
+        Ok(())
+    }
+
+    /// Releases the memory image of snapshot `name` of the operation's domain (as the
+    /// catalog records it): the batch to commit with the step.
+    pub(crate) fn release_image_of(&mut self, op: &OpRecord, name: &str) -> Result<Batch> {
+        let image = self
+            .journal
+            .domain_catalog(op.domain())?
+            .snapshots
+            .get(name)
+            .and_then(|s| s.memory_image.clone());
+        match image {
+            Some(image) => Ok(self.memory.release(&self.journal, &image)?),
+            None => Ok(Batch::new()),
+        }
     }
 }

@@ -7,15 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use journal::{
-    Batch, DomainCatalog, Event, Journal, Mode, OpBegun, OpId, OpKind, OpParams, StepDetail,
-};
+use journal::{DomainCatalog, Event, Journal, Mode, OpId, OpKind, Outcome};
 use xen::{DomainInfo, Host};
 
 use crate::error::{Error, Result};
 use crate::memstore::MemStore;
 use crate::names;
-use crate::plan::Step;
+use crate::plan::Failpoint;
+use crate::recovery::RecoverMode;
 
 /// What the engine tells its user while it works (progress bars, messages).
 pub trait Observer: Sync {
@@ -167,7 +166,7 @@ impl Engine {
             locks,
         };
         if engine.journal.mode() == Mode::Primary {
-            engine.recover()?;
+            engine.recover(RecoverMode::Automatic)?;
         }
         Ok(engine)
     }
@@ -209,138 +208,90 @@ impl Engine {
     }
 
     /// What every operation checks first: the names, that this process may write, the
-    /// domain's lock; then the domain as the host sees it and its catalog.
+    /// domain's lock, that no operation on it is unfinished; then the domain as the host
+    /// sees it and its catalog.
     pub(crate) fn prepare(
         &mut self,
         domain: &str,
         snapshot: &str,
     ) -> Result<(DomainInfo, DomainCatalog)> {
-        names::check("domain", domain)?;
         names::check("snapshot", snapshot)?;
-        self.require_writer()?;
-        self.hold_domain(domain)?;
+        self.prepare_domain(domain)?;
         let info = self.host.domain(domain)?;
         let catalog = self.journal.domain_catalog(domain)?;
         Ok((info, catalog))
     }
 
-    /// Journals the start of an operation: its plan, options and the domain's run state.
-    /// Its id is the sequence number of this event, [`Journal::next_seq`] until it is written.
-    pub(crate) fn begin(
-        &mut self,
-        kind: OpKind,
-        info: &DomainInfo,
-        snapshot: &str,
-        plan: &[Step],
-        params: OpParams,
-    ) -> Result<OpBegun> {
-        let begun = OpBegun {
-            op: self.journal.next_seq(),
-            at: journal::now_millis(),
-            kind,
-            domain: info.name.clone(),
-            snapshot: snapshot.to_string(),
-            user: crate::whoami(),
-            pid: std::process::id(),
-            host: self.host.kind().to_string(),
-            prior_state: crate::create::journal_state(info.state),
-            steps: plan.iter().map(ToString::to_string).collect(),
-            params,
-        };
-        self.journal.append(Event::OpBegun(begun.clone()))?;
-        crash_point(&format!("engine::{}::after-begin", kind.as_str()));
-        Ok(begun)
-    }
-
-    /// Runs one step: `StepBegun` (synced), the action, then `StepDone` with the action's
-    /// batch in one synced write. On error, `StepFailed` is journaled and the error returned.
-    /// Failpoints `engine::<op>::before-<step>` and `…::after-<step>` surround the action.
-    pub(crate) fn run_step(
-        &mut self,
-        b: &OpBegun,
-        step: &Step,
-        action: impl FnOnce(&mut Engine) -> Result<(StepDetail, Batch)>,
-    ) -> Result<StepDetail> {
-        self.journaled(b, step.to_string(), step.kind_name(), action)
-    }
-
-    /// Runs a compensation during a roll-back, journaled as step `undo:<step>` (failpoints
-    /// `engine::<op>::before-undo-<step>`, `…::after-undo-<step>`).
-    pub(crate) fn run_undo(
-        &mut self,
-        b: &OpBegun,
-        step: &Step,
-        action: impl FnOnce(&mut Engine) -> Result<Batch>,
-    ) -> Result<()> {
-        let kind = format!("undo-{}", step.kind_name());
-        self.journaled(b, format!("undo:{step}"), &kind, |e| {
-            Ok((StepDetail::default(), action(e)?))
-        })?;
-        Ok(())
-    }
-
-    fn journaled(
-        &mut self,
-        b: &OpBegun,
-        name: String,
-        failpoint: &str,
-        action: impl FnOnce(&mut Engine) -> Result<(StepDetail, Batch)>,
-    ) -> Result<StepDetail> {
-        let op_kind = b.kind.as_str();
-        self.journal.append(Event::StepBegun {
-            op: b.op,
-            step: name.clone(),
-            at: journal::now_millis(),
-        })?;
-        self.observer.step(b.op, &name, true);
-        crash_point(&format!("engine::{op_kind}::before-{failpoint}"));
-        match action(self) {
-            Ok((detail, batch)) => {
-                let mut done = Batch::new();
-                done.event(Event::StepDone {
-                    op: b.op,
-                    step: name.clone(),
-                    at: journal::now_millis(),
-                    detail: detail.clone(),
-                });
-                done.extend(batch);
-                self.journal.commit(done)?;
-                self.observer.step(b.op, &name, false);
-                crash_point(&format!("engine::{op_kind}::after-{failpoint}"));
-                Ok(detail)
-            }
-            Err(e) => {
-                self.journal.append(Event::StepFailed {
-                    op: b.op,
-                    step: name,
-                    at: journal::now_millis(),
-                    error: error_chain(&e),
-                })?;
-                Err(e)
-            }
+    /// The checks of [`Engine::prepare`] that need no snapshot name and no domain on the host.
+    pub(crate) fn prepare_domain(&mut self, domain: &str) -> Result<()> {
+        names::check("domain", domain)?;
+        self.require_writer()?;
+        self.hold_domain(domain)?;
+        if let Some(open) = self.unfinished(domain)? {
+            let why = match open.error {
+                Some(e) if open.needs_recovery => format!(": it needs recovery ({e})"),
+                _ if open.needs_recovery => ": it needs recovery".to_string(),
+                _ => String::new(),
+            };
+            return Err(Error::Unfinished {
+                domain: domain.to_string(),
+                op: open.op,
+                kind: open.kind.as_str(),
+                why,
+            });
         }
-    }
-
-    /// Journals that the operation was undone (nothing of it remains).
-    pub(crate) fn end_rolled_back(&mut self, b: &OpBegun, reason: &str) -> Result<()> {
-        self.end(
-            Event::OpRolledBack {
-                op: b.op,
-                at: journal::now_millis(),
-                reason: reason.to_string(),
-            },
-            Batch::new(),
-        )
-    }
-
-    /// Journals the end of an operation together with `batch`.
-    pub(crate) fn end(&mut self, event: Event, batch: Batch) -> Result<()> {
-        let mut all = Batch::new();
-        all.event(event);
-        all.extend(batch);
-        self.journal.commit(all)?;
         Ok(())
     }
+
+    /// The oldest operation on `domain` that has not ended, if any.
+    pub fn unfinished(&self, domain: &str) -> Result<Option<OpenOp>> {
+        for op in self.journal.open_ops()? {
+            let Some(summary) = self.journal.op(op)? else {
+                continue;
+            };
+            if summary.domain != domain {
+                continue;
+            }
+            let error = self
+                .journal
+                .op_events(op)?
+                .iter()
+                .rev()
+                .find_map(|e| match e {
+                    Event::OpNeedsRecovery { error, .. } => Some(error.clone()),
+                    _ => None,
+                });
+            return Ok(Some(OpenOp {
+                op,
+                kind: summary.kind,
+                snapshot: summary.snapshot,
+                needs_recovery: summary.outcome == Outcome::NeedsRecovery,
+                error,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+/// An operation that has not ended: interrupted (recovery finishes it at the next start
+/// unless another process holds its domain), or marked as needing `domsnap recover`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenOp {
+    /// Its id.
+    pub op: u64,
+    /// Its kind.
+    #[serde(serialize_with = "kind_name")]
+    pub kind: OpKind,
+    /// The snapshot it is about ("" for the `domain` commands).
+    pub snapshot: String,
+    /// Automatic recovery leaves it alone: only `domsnap recover` continues it.
+    pub needs_recovery: bool,
+    /// Why it needs recovery, as journaled.
+    pub error: Option<String>,
+}
+
+fn kind_name<S: serde::Serializer>(kind: &OpKind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kind.as_str())
 }
 
 fn open_waiting(db: &Path, wait: Duration, observer: &dyn Observer) -> Result<Journal> {
@@ -372,9 +323,36 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A failpoint at a durable action. Configured `return`, it aborts the process at once, as
-/// a crash or `kill -9` would (crash tests use it); `sleep(ms)`, `panic` work as usual.
+/// A crash point at a durable action. Configured `return`, it aborts the process at once,
+/// as a crash or `kill -9` would (crash tests use it); `sleep(ms)`, `panic` work as usual.
+/// With the `failpoints` feature, a point missing from [`crate::plan::failpoints`] panics:
+/// the list a crash test walks is the whole list.
+pub(crate) fn crash_point(point: &Failpoint) {
+    check_listed(point);
+    fail::fail_point!(point.as_str(), |_| std::process::abort());
+}
+
+/// The crash point before a step's action, which can also make the step fail:
+/// `return(error)` returns [`Error::Injected`] (the step fails before it has any effect, as
+/// on a full disk); any other `return` aborts the process like [`crash_point`].
+pub(crate) fn step_point(point: &Failpoint) -> Result<()> {
+    check_listed(point);
+    fail::fail_point!(point.as_str(), |arg: Option<String>| {
+        if arg.as_deref() == Some("error") {
+            return Err(Error::Injected {
+                point: point.to_string(),
+            });
+        }
+        std::process::abort()
+    });
+    Ok(())
+}
+
 #[allow(unused_variables)]
-pub(crate) fn crash_point(name: &str) {
-    fail::fail_point!(name, |_| std::process::abort());
+fn check_listed(point: &Failpoint) {
+    #[cfg(feature = "failpoints")]
+    assert!(
+        crate::plan::failpoints().contains(point),
+        "crash point {point} is not in plan::failpoints()"
+    );
 }

@@ -1,8 +1,10 @@
 //! domsnap's engine: operations as journaled step plans, recovery, the snapshot catalog and
 //! the memory image store.
 //!
-//! - [`plan`]: the steps and, in one table, what recovery does with each.
-//! - [`create`], [`revert`], [`delete`]: the operations.
+//! - [`plan`]: the steps, one description per operation kind, and the tables of what
+//!   recovery does with each, rendered from them.
+//! - [`create`], [`revert`], [`delete`], [`domain`]: the operations; `runner.rs` carries
+//!   out every one of them, new or recovered.
 //! - [`recovery`]: what runs at every start.
 //! - [`query`], [`verify`]: read-only views and checks.
 //! - [`memstore`]: content-addressed memory images.
@@ -10,6 +12,7 @@
 
 pub mod create;
 pub mod delete;
+pub mod domain;
 mod engine;
 mod error;
 pub mod memstore;
@@ -18,13 +21,16 @@ pub mod plan;
 pub mod query;
 pub mod recovery;
 pub mod revert;
+mod runner;
 pub mod verify;
 
 pub use create::CreateRequest;
 pub use delete::DeleteRequest;
-pub use engine::{Access, Engine, Observer, Quiet, DEFAULT_WAIT};
-pub use error::{Error, Result};
+pub use domain::DomainAction;
+pub use engine::{Access, Engine, Observer, OpenOp, Quiet, DEFAULT_WAIT};
+pub use error::{host_kind, Aftermath, Error, ErrorKind, Result};
 pub use query::{HistoryFilter, OpView, SnapshotView};
+pub use recovery::{RecoverMode, Recovered};
 pub use revert::RevertRequest;
 pub use verify::{DiskCheck, VerifyReport};
 

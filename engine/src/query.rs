@@ -287,8 +287,10 @@ impl Engine {
                     view.recovery = Some(format!("{decision:?}: {reason}").to_lowercase());
                 }
                 Event::OpRolledBack { reason, .. } => view.reason = Some(reason.clone()),
-                Event::OpFailed { error, .. } => view.reason = Some(error.clone()),
-                Event::OpCommitted { .. } => {}
+                Event::OpFailed { error, .. } | Event::OpNeedsRecovery { error, .. } => {
+                    view.reason = Some(error.clone())
+                }
+                Event::OpCommitted { .. } | Event::OpNoted { .. } => {}
             }
         }
         for (name, started) in open {

@@ -1,16 +1,18 @@
 //! `revert`: bring a snapshot's instant back — memory and every disk — running or paused.
 
 use journal::{
-    Batch, DomainState, Event, OpBegun, OpKind, OpParams, SnapshotKind, SnapshotMeta, StepDetail,
+    Batch, CatalogChange, Decision, DomainState, OpKind, OpParams, SnapshotKind, SnapshotMeta,
+    StepDetail,
 };
 use xen::RunState;
 
 use std::path::{Path, PathBuf};
 
-use crate::create::overlay_path;
-use crate::engine::{error_chain, Engine};
+use crate::create::{not_a_step, overlay_path};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::plan::{Progress, Step};
+use crate::plan::{OnForwardFailure, Operation, Progress, Rule, Step, StepKind, StepRule};
+use crate::runner::{NewOp, OpRecord};
 
 /// What to revert to.
 #[derive(Debug, Clone, Default)]
@@ -47,7 +49,7 @@ impl Engine {
         for d in &snap.disks {
             if info.disk(&d.target).is_none() {
                 return Err(Error::Refused(format!(
-                    "snapshot {:?} has disk {} but domain {:?} no longer does; nothing was changed",
+                    "snapshot {:?} has disk {} but domain {:?} no longer does",
                     req.name, d.target, req.domain
                 )));
             }
@@ -55,7 +57,7 @@ impl Engine {
                 if !Path::new(&d.path).exists() {
                     return Err(Error::Refused(format!(
                         "the image {} of disk {} (snapshot {:?}) is missing; run `domsnap \
-                         verify`; nothing was changed",
+                         verify`",
                         d.path, d.target, req.name
                     )));
                 }
@@ -65,7 +67,7 @@ impl Engine {
             if !tags.contains(&d.tag) {
                 return Err(Error::Refused(format!(
                     "disk {} of domain {:?} has lost its snapshot {:?} (of snapshot {:?}); \
-                     run `domsnap verify`; nothing was changed",
+                     run `domsnap verify`",
                     d.target, req.domain, d.tag, req.name
                 )));
             }
@@ -90,12 +92,14 @@ impl Engine {
         }
         plan.push(Step::SetRunState);
 
-        let begun = self.begin(
-            OpKind::Revert,
-            &info,
-            &req.name,
-            &plan,
-            OpParams {
+        self.execute(NewOp {
+            kind: OpKind::Revert,
+            domain: req.domain.clone(),
+            snapshot: req.name.clone(),
+            prior: info.state,
+            instance: info.instance,
+            plan,
+            params: OpParams {
                 target_state: Some(target),
                 snapshot: Some(snap.clone()),
                 disk_images: info
@@ -105,44 +109,113 @@ impl Engine {
                     .collect(),
                 ..OpParams::default()
             },
-        )?;
-        let mut progress = Progress::default();
-        for step in &plan {
-            progress.begun.push(step.clone());
-            if let Err(err) = self.run_step(&begun, step, |e| e.revert_step(&begun, step)) {
-                let destructive = progress.has_begun(&Step::StopDomain);
-                let aftermath = if destructive {
-                    "the domain was already stopped; the next domsnap command finishes the revert"
-                        .to_string()
-                } else {
-                    match self.end_rolled_back(&begun, &error_chain(&err)) {
-                        Ok(()) => "nothing was changed".into(),
-                        Err(e) => format!("journaling the roll-back failed: {}", error_chain(&e)),
-                    }
-                };
-                return Err(Error::StepFailed {
-                    op: "revert",
-                    domain: req.domain.clone(),
-                    snapshot: req.name.clone(),
-                    step: step.to_string(),
-                    aftermath,
-                    source: Box::new(err),
-                });
-            }
-            progress.done.push(step.clone());
-        }
-        self.commit_revert(&begun)?;
+            notes: Vec::new(),
+        })?;
         Ok(snap)
     }
+}
 
+/// The description of `revert`.
+#[derive(Debug)]
+pub(crate) struct Revert;
+
+/// The one instance.
+pub(crate) static REVERT: Revert = Revert;
+
+const STEPS: &[StepRule] = &[
+    StepRule::redo(
+        StepKind::VerifyImage,
+        "read and hash every chunk of the memory image",
+    ),
+    StepRule::redo(
+        StepKind::StopDomain,
+        "destroy the domain (the point of no return)",
+    )
+    .guarded(),
+    StepRule::redo(
+        StepKind::RevertDisk,
+        "apply the disk snapshot / a new overlay on the snapshot's image",
+    )
+    .guarded(),
+    StepRule::redo(
+        StepKind::DiscardImage,
+        "remove the image the disk used before (external)",
+    ),
+    StepRule::redo(StepKind::RestoreMemory, "destroy, restore memory (paused)")
+        .guarded()
+        .boots(),
+    StepRule::redo(StepKind::SetRunState, "unpause / start / leave as asked")
+        .guarded()
+        .boots(),
+];
+
+const RULES: &[Rule] = &[
+    Rule {
+        interrupted: "before the domain was stopped",
+        recovery: "roll back: nothing was changed",
+    },
+    Rule {
+        interrupted: "after the domain was stopped",
+        recovery: "roll forward: redo the remaining steps — never half-reverted",
+    },
+];
+
+impl Operation for Revert {
+    fn kind(&self) -> OpKind {
+        OpKind::Revert
+    }
+
+    fn steps(&self) -> &'static [StepRule] {
+        STEPS
+    }
+
+    fn rules(&self) -> &'static [Rule] {
+        RULES
+    }
+
+    fn decide(&self, _plan: &[Step], progress: &Progress) -> (Decision, String) {
+        if progress.has_begun(&Step::StopDomain) {
+            (
+                Decision::Forward,
+                "the domain had been stopped: redo the remaining steps".into(),
+            )
+        } else {
+            (
+                Decision::Back,
+                "stopped before anything destructive: leave the domain as it was".into(),
+            )
+        }
+    }
+
+    fn on_forward_failure(&self) -> OnForwardFailure {
+        OnForwardFailure::NeedsRecovery
+    }
+
+    fn redo(&self, e: &mut Engine, op: &OpRecord, step: &Step) -> Result<(StepDetail, Batch)> {
+        e.revert_step(op, step)
+    }
+
+    fn commit(&self, _e: &mut Engine, op: &OpRecord) -> Result<CatalogChange> {
+        Ok(CatalogChange::Reverted {
+            name: op.begun.snapshot.clone(),
+        })
+    }
+}
+
+impl Engine {
     /// The forward action of one revert step. Each is idempotent: recovery redoes them.
-    fn revert_step(&mut self, b: &OpBegun, step: &Step) -> Result<(StepDetail, Batch)> {
-        let domain = &b.domain;
+    fn revert_step(&mut self, b: &OpRecord, step: &Step) -> Result<(StepDetail, Batch)> {
+        let domain = b.domain();
         let snap = b
+            .begun
             .params
             .snapshot
             .as_ref()
-            .ok_or_else(|| Error::Refused(format!("operation {} has no snapshot", b.op)))?;
+            .ok_or_else(|| Error::Corrupt {
+                op: b.op(),
+                what: "its parameters".into(),
+                why: "hold no snapshot".into(),
+            })?;
         let mut detail = StepDetail::default();
         match step {
             Step::VerifyImage => {
@@ -165,7 +238,7 @@ impl Engine {
                 }
                 if d.external {
                     let base = Path::new(&d.path);
-                    let overlay = overlay_path(base, target, b.op);
+                    let overlay = overlay_path(base, target, b.op());
                     self.host
                         .revert_external_snapshot(domain, target, base, &overlay)?;
                 } else {
@@ -174,6 +247,7 @@ impl Engine {
             }
             Step::DiscardImage(target) => {
                 let old = b
+                    .begun
                     .params
                     .disk_images
                     .iter()
@@ -245,7 +319,7 @@ impl Engine {
                 detail.bytes_read = Some(written);
             }
             Step::SetRunState => {
-                let target = b.params.target_state.unwrap_or(DomainState::Shutoff);
+                let target = b.begun.params.target_state.unwrap_or(DomainState::Shutoff);
                 let now = self.host.domain(domain)?.state;
                 match (target, now) {
                     (DomainState::Running, RunState::Paused) => self.host.unpause(domain)?,
@@ -258,47 +332,8 @@ impl Engine {
                     _ => {}
                 }
             }
-            other => {
-                return Err(Error::Refused(format!(
-                    "step {other} is not part of revert"
-                )))
-            }
+            other => return Err(not_a_step(b, other)),
         }
         Ok((detail, Batch::new()))
-    }
-
-    fn commit_revert(&mut self, b: &OpBegun) -> Result<()> {
-        crate::engine::crash_point("engine::revert::before-commit");
-        self.end(
-            Event::OpCommitted {
-                op: b.op,
-                at: journal::now_millis(),
-                change: journal::CatalogChange::Reverted {
-                    name: b.snapshot.clone(),
-                },
-            },
-            Batch::new(),
-        )
-    }
-
-    /// Rolls a revert forward: redoes every step from the first one not done, then commits.
-    pub(crate) fn forward_revert(&mut self, b: &OpBegun, progress: &Progress) -> Result<()> {
-        let plan: Vec<Step> = b.steps.iter().filter_map(|s| Step::parse(s)).collect();
-        let first = plan
-            .iter()
-            .position(|s| !progress.is_done(s))
-            .unwrap_or(plan.len());
-        for step in &plan[first..] {
-            if *step == Step::VerifyImage {
-                continue;
-            }
-            self.run_step(b, step, |e| e.revert_step(b, step))?;
-        }
-        self.commit_revert(b)
-    }
-
-    /// Rolls back a revert that stopped before anything destructive.
-    pub(crate) fn undo_revert(&mut self, b: &OpBegun, reason: &str) -> Result<()> {
-        self.end_rolled_back(b, reason)
     }
 }

@@ -109,9 +109,19 @@ impl Engine {
             ..VerifyReport::default()
         };
         for op in self.journal.open_ops()? {
-            report.journal.push(format!(
-                "operation {op} is open (interrupted and not yet recovered)"
-            ));
+            let summary = self.journal.op(op)?;
+            let what = summary
+                .as_ref()
+                .map(|s| format!(" ({} of domain {:?})", s.kind.as_str(), s.domain))
+                .unwrap_or_default();
+            let needs = summary
+                .as_ref()
+                .is_some_and(|s| s.outcome == journal::Outcome::NeedsRecovery);
+            report.journal.push(if needs {
+                format!("operation {op}{what} needs recovery: run `domsnap recover`")
+            } else {
+                format!("operation {op}{what} is open (interrupted and not yet recovered)")
+            });
         }
         let catalog = self.journal.catalog()?;
         let mut referenced: BTreeMap<String, u64> = BTreeMap::new();
@@ -199,6 +209,11 @@ impl Engine {
     pub fn rebuild_catalog(&mut self) -> Result<()> {
         self.require_writer()?;
         Ok(self.journal.rebuild_projections()?)
+    }
+
+    /// What the memory image store holds.
+    pub fn memory_stats(&self) -> Result<crate::memstore::Stats> {
+        Ok(self.memory.stats(&self.journal)?)
     }
 
     /// Removes memory chunks that no image needs any more and pack files nothing points

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::{Access, CreateRequest, DeleteRequest, Engine, HistoryFilter, Quiet, RevertRequest};
+use engine::{
+    Access, CreateRequest, DeleteRequest, Engine, ErrorKind, HistoryFilter, Quiet, RecoverMode,
+    RevertRequest,
+};
 use journal::Outcome;
 use xen::sim::{FakeHost, FakeOp};
 use xen::{Host, RunState};
@@ -116,7 +119,7 @@ fn a_failing_resume_is_finished_by_recovery() {
 }
 
 #[test]
-fn a_revert_that_fails_after_the_domain_stopped_is_rolled_forward() {
+fn a_revert_that_fails_after_the_domain_stopped_needs_recovery_and_is_rolled_forward_by_it() {
     let lab = Lab::new();
     let mut engine = lab.engine();
     lab.host.step("vm", 7).unwrap();
@@ -124,29 +127,40 @@ fn a_revert_that_fails_after_the_domain_stopped_is_rolled_forward() {
     lab.host.step("vm", 5).unwrap();
     lab.host.fail_next(FakeOp::RestoreMemory, 1);
     let err = engine.revert(&revert("seven")).unwrap_err();
-    assert!(
-        err.to_string().contains("next domsnap command finishes"),
-        "{err}"
-    );
+    assert_eq!(err.kind(), ErrorKind::NeedsRecovery, "{err}");
+    assert!(err.to_string().contains("domsnap recover"), "{err}");
     assert_eq!(lab.state(), RunState::Shutoff);
     drop(engine);
-    let engine = lab.engine();
+    // The next start leaves it alone; the domain accepts nothing but recovery.
+    let mut engine = lab.engine();
+    assert_eq!(lab.last_outcome(&engine), Outcome::NeedsRecovery);
+    assert_eq!(lab.state(), RunState::Shutoff);
+    let refused = engine.create(&create("other")).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::NeedsRecovery, "{refused}");
+    let report = engine
+        .recover(RecoverMode::Requested { force: false })
+        .unwrap();
+    assert!(report.iter().all(|r| !r.open), "{report:?}");
     assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
     assert_eq!(lab.state(), RunState::Running);
     assert_eq!(lab.host.memory_counter("vm").unwrap(), 7);
 }
 
 #[test]
-fn a_revert_whose_destroy_fails_is_finished_by_recovery() {
+fn a_revert_whose_destroy_fails_is_finished_by_recover() {
     let lab = Lab::new();
     let mut engine = lab.engine();
     engine.create(&create("s")).unwrap();
     lab.host.step("vm", 4).unwrap();
     lab.host.fail_next(FakeOp::Destroy, 1);
-    // The destroy step began, so the rule says forward: the next start finishes it.
+    // The destroy step began, so the rule says forward: only `recover` finishes it.
     assert!(engine.revert(&revert("s")).is_err());
     drop(engine);
-    let engine = lab.engine();
+    let mut engine = lab.engine();
+    assert_eq!(lab.last_outcome(&engine), Outcome::NeedsRecovery);
+    engine
+        .recover(RecoverMode::Requested { force: false })
+        .unwrap();
     assert_eq!(lab.last_outcome(&engine), Outcome::RolledForward);
     assert_eq!(lab.host.memory_counter("vm").unwrap(), 0);
 }

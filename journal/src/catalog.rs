@@ -40,6 +40,7 @@ impl DomainCatalog {
                     }
                 }
             }
+            CatalogChange::Unchanged => {}
         }
     }
 

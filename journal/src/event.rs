@@ -100,6 +100,28 @@ pub enum Event {
         /// Why.
         error: String,
     },
+    /// A fact about the operation that recovery needs (its domain's boot instance, its
+    /// configuration); journaled with `OpBegun` or with the `StepDone` of the step that
+    /// learned it.
+    OpNoted {
+        /// Operation.
+        op: OpId,
+        /// When.
+        at: Millis,
+        /// The fact.
+        note: OpNote,
+    },
+    /// The operation could neither finish nor be undone by itself (a failure past a
+    /// revert's point of no return, a failed recovery): it stays open, automatic recovery
+    /// leaves it alone, and only `domsnap recover` continues it.
+    OpNeedsRecovery {
+        /// Operation.
+        op: OpId,
+        /// When.
+        at: Millis,
+        /// Why, as text.
+        error: String,
+    },
 }
 
 impl Event {
@@ -113,7 +135,9 @@ impl Event {
             | Event::OpCommitted { op, .. }
             | Event::OpRolledBack { op, .. }
             | Event::RecoveryDecided { op, .. }
-            | Event::OpFailed { op, .. } => *op,
+            | Event::OpFailed { op, .. }
+            | Event::OpNoted { op, .. }
+            | Event::OpNeedsRecovery { op, .. } => *op,
         }
     }
 
@@ -127,7 +151,9 @@ impl Event {
             | Event::OpCommitted { at, .. }
             | Event::OpRolledBack { at, .. }
             | Event::RecoveryDecided { at, .. }
-            | Event::OpFailed { at, .. } => *at,
+            | Event::OpFailed { at, .. }
+            | Event::OpNoted { at, .. }
+            | Event::OpNeedsRecovery { at, .. } => *at,
         }
     }
 
@@ -149,15 +175,50 @@ pub enum OpKind {
     Revert,
     /// Remove a snapshot (or a subtree).
     Delete,
+    /// Define a new (shut-off) domain.
+    Define,
+    /// Boot a shut-off domain.
+    Start,
+    /// Stop a running domain's vCPUs.
+    Pause,
+    /// Let a paused domain run.
+    Unpause,
+    /// Stop a domain gracefully.
+    Shutdown,
+    /// Stop a domain at once.
+    Destroy,
+    /// Remove a shut-off domain (and, when asked, its snapshots).
+    Undefine,
 }
 
 impl OpKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [OpKind; 10] = [
+        OpKind::Create,
+        OpKind::Revert,
+        OpKind::Delete,
+        OpKind::Define,
+        OpKind::Start,
+        OpKind::Pause,
+        OpKind::Unpause,
+        OpKind::Shutdown,
+        OpKind::Destroy,
+        OpKind::Undefine,
+    ];
+
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
             OpKind::Create => "create",
             OpKind::Revert => "revert",
             OpKind::Delete => "delete",
+            OpKind::Define => "define",
+            OpKind::Start => "start",
+            OpKind::Pause => "pause",
+            OpKind::Unpause => "unpause",
+            OpKind::Shutdown => "shutdown",
+            OpKind::Destroy => "destroy",
+            OpKind::Undefine => "undefine",
         }
     }
 }
@@ -255,6 +316,29 @@ pub enum Decision {
     Back,
 }
 
+/// A fact about an operation, journaled in [`Event::OpNoted`]. Variants are only appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpNote {
+    /// The boot instance of the operation's domain (the host's id of one boot: the
+    /// simulated guest's token, Xen's domid): the one it found when it began (`step` None),
+    /// or the one step `step` created. Recovery acts only on instances the operation knows.
+    Instance {
+        /// The step that created it; None: found when the operation began.
+        step: Option<String>,
+        /// The host's id of the boot.
+        instance: u64,
+    },
+    /// define: the new domain's configuration.
+    DomainSpec {
+        /// Memory size in bytes.
+        memory_bytes: u64,
+        /// Virtual size of each disk, in target order.
+        disk_sizes: Vec<u64>,
+        /// What the simulated guest runs, if set.
+        workload: Option<String>,
+    },
+}
+
 /// How a committed operation changes the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CatalogChange {
@@ -270,6 +354,8 @@ pub enum CatalogChange {
         /// Snapshot names, children before parents.
         names: Vec<String>,
     },
+    /// Nothing in the catalog changes (the `domain` commands).
+    Unchanged,
 }
 
 /// Checkpoint (memory + disks) or disk-only.

@@ -154,6 +154,33 @@ mod tests {
                 at: 8,
                 error: "e".into(),
             },
+            Event::OpNoted {
+                op: 10,
+                at: 9,
+                note: OpNote::Instance {
+                    step: Some("restore-memory".into()),
+                    instance: 42,
+                },
+            },
+            Event::OpNoted {
+                op: 10,
+                at: 9,
+                note: OpNote::DomainSpec {
+                    memory_bytes: 64 << 20,
+                    disk_sizes: vec![1 << 30],
+                    workload: Some("idle".into()),
+                },
+            },
+            Event::OpNeedsRecovery {
+                op: 10,
+                at: 10,
+                error: "restore failed".into(),
+            },
+            Event::OpCommitted {
+                op: 11,
+                at: 11,
+                change: CatalogChange::Unchanged,
+            },
         ]
     }
 

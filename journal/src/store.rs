@@ -89,9 +89,17 @@ pub enum Outcome {
     RolledForward,
     /// Abandoned: could neither finish nor be undone.
     Failed,
+    /// Still open, and left alone by automatic recovery: only `domsnap recover` continues
+    /// it (a failure past a revert's point of no return, a failed recovery).
+    NeedsRecovery,
 }
 
 impl Outcome {
+    /// Whether the operation has not ended ([`Outcome::Open`] or [`Outcome::NeedsRecovery`]).
+    pub fn is_open(self) -> bool {
+        matches!(self, Outcome::Open | Outcome::NeedsRecovery)
+    }
+
     /// The name used in output.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -100,6 +108,7 @@ impl Outcome {
             Outcome::RolledBack => "rolled-back",
             Outcome::RolledForward => "rolled-forward",
             Outcome::Failed => "failed",
+            Outcome::NeedsRecovery => "needs-recovery",
         }
     }
 }
@@ -161,6 +170,7 @@ impl OpSummary {
                 self.ended = Some(*at);
                 self.outcome = Outcome::Failed;
             }
+            Event::OpNeedsRecovery { .. } => self.outcome = Outcome::NeedsRecovery,
             _ => {}
         }
     }
@@ -701,7 +711,7 @@ impl Journal {
         }
         let open: Vec<OpId> = summaries
             .values()
-            .filter(|s| s.outcome == Outcome::Open)
+            .filter(|s| s.outcome.is_open())
             .map(|s| s.op)
             .collect();
         if open != self.open_ops()? {
@@ -744,7 +754,7 @@ impl Journal {
         }
         for (op, s) in &summaries {
             wb.put_cf(self.cf(CF_OPS)?, be(*op), record::encode(s)?);
-            if s.outcome == Outcome::Open {
+            if s.outcome.is_open() {
                 wb.put_cf(self.cf(CF_OPEN)?, be(*op), []);
             }
         }
