@@ -288,9 +288,14 @@ pub fn history(ops: &[OpView], json: bool) -> anyhow::Result<()> {
         println!("no operations");
     }
     for op in ops {
+        let what = if op.snapshot.is_empty() {
+            op.domain.clone()
+        } else {
+            format!("{}/{}", op.domain, op.snapshot)
+        };
         println!(
-            "#{:<5} {} {:<7} {}/{}  by {} on {}: {}",
-            op.id, op.started, op.kind, op.domain, op.snapshot, op.user, op.host, op.outcome
+            "#{:<5} {} {:<8} {what}  by {} on {}: {}",
+            op.id, op.started, op.kind, op.user, op.host, op.outcome
         );
         if let Some(r) = &op.recovery {
             println!("       recovery: {r}");

@@ -215,6 +215,7 @@ impl Engine {
         domain: &str,
         snapshot: &str,
     ) -> Result<(DomainInfo, DomainCatalog)> {
+        names::check("domain", domain)?;
         names::check("snapshot", snapshot)?;
         self.prepare_domain(domain)?;
         let info = self.host.domain(domain)?;
