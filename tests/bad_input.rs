@@ -16,7 +16,7 @@ use common::*;
 /// Exit code of a refused request (bad input, wrong state).
 const EXIT_USER: i32 = 2;
 /// Exit code when stored data is damaged.
-const EXIT_DAMAGED: i32 = 1;
+const EXIT_DAMAGED: i32 = 6;
 /// Exit code of `verify` when it finds problems.
 const EXIT_PROBLEMS: i32 = 4;
 

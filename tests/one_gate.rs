@@ -180,7 +180,10 @@ fn domain_commands_show_in_history_and_undefine_keeps_snapshots_safe() {
     );
     assert_eq!(env.snapshot_names("u").len(), 1);
     env.run(&["domain", "undefine", "u", "--snapshots"]);
-    assert!(env.snapshot_names("u").is_empty());
+    // Gone, snapshots and all: nothing is listed for a domain nobody knows.
+    assert_eq!(env.try_run(&["list", "u"]).status.code(), Some(2));
+    let domains = env.json(&["domain", "list"]);
+    assert!(domains.as_array().unwrap().iter().all(|d| d["name"] != "u"));
     let kinds: Vec<(String, String)> = outcomes(&env, "u");
     let expected = [
         "define", "start", "unpause", "create", "pause", "shutdown", "undefine",

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use xen::RunState;
 
 use crate::engine::{crash_point, Engine};
-use crate::error::{Error, Result};
+use crate::error::{host_kind, Error, ErrorKind, Result};
 use crate::plan::{Failpoint, Operation, Progress, Rule, Step, StepKind, StepRule};
 use crate::runner::{journal_state, NewOp, OpRecord};
 
@@ -269,7 +269,13 @@ impl Operation for Create {
             Step::SnapshotDisk(target) => {
                 let disk = snapshot_disk(op, target)?;
                 if !disk.external && e.host.domain(domain)?.disk(target).is_some() {
-                    e.host.delete_disk_snapshot(domain, target, &disk.tag)?;
+                    match e.host.delete_disk_snapshot(domain, target, &disk.tag) {
+                        Ok(()) => {}
+                        // An image that cannot be read holds no tag this operation could
+                        // remove (verify reports the damage).
+                        Err(err) if host_kind(&err) == ErrorKind::Corruption => {}
+                        Err(err) => return Err(err.into()),
+                    }
                 }
                 Ok(Batch::new())
             }

@@ -103,7 +103,7 @@ pub(crate) static START: DomainCommand = DomainCommand {
         StepRule::redo(StepKind::SetWorkload, "set what the guest runs"),
         StepRule::redo(
             StepKind::Start,
-            "start the domain unless it runs (paused if asked)",
+            "start the domain unless it is up (paused if asked); let its own boot run",
         )
         .boots(),
     ],
@@ -234,9 +234,16 @@ impl Operation for DomainCommand {
             }
             Step::SetWorkload(w) => e.host.set_domain_workload(name, w)?,
             Step::Start => {
-                if e.host.domain(name)?.state == RunState::Shutoff {
-                    let paused = op.begun.params.target_state == Some(DomainState::Paused);
-                    e.host.start(name, paused)?;
+                let info = e.host.domain(name)?;
+                let paused = op.begun.params.target_state == Some(DomainState::Paused);
+                match info.state {
+                    RunState::Shutoff => e.host.start(name, paused)?,
+                    // A start interrupted between booting the domain paused and letting it
+                    // run: its own boot is let run; another one is left as it is.
+                    RunState::Paused if !paused && op.knows_boot(info.instance) => {
+                        e.host.unpause(name)?
+                    }
+                    _ => {}
                 }
             }
             Step::Pause | Step::Unpause | Step::Shutdown | Step::Destroy => {

@@ -31,7 +31,7 @@
 //! | delete    | `release-image:S`    | release the memory image                                                      | —                                                                   |
 //! | define    | `define`             | define the domain unless it exists                                            | —                                                                   |
 //! | start     | `set-workload:W`     | set what the guest runs                                                       | —                                                                   |
-//! | start     | `start`              | start the domain unless it runs (paused if asked) †                           | —                                                                   |
+//! | start     | `start`              | start the domain unless it is up (paused if asked); let its own boot run †    | —                                                                   |
 //! | pause     | `pause`              | pause the boot found at the start, if it still runs                           | —                                                                   |
 //! | unpause   | `unpause`            | unpause the boot found at the start, if it is still paused                    | —                                                                   |
 //! | shutdown  | `shutdown`           | shut down the boot found at the start, if it is still up                      | —                                                                   |

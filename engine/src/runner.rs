@@ -78,11 +78,20 @@ impl OpRecord {
     }
 
     /// Whether `instance` (a domain's current boot) is one this operation found or created.
-    /// An operation journaled before boots were recorded knows every boot.
+    /// An operation journaled before boots were recorded knows every boot. A boot that
+    /// appeared while a step that boots the domain was interrupted (begun, neither done nor
+    /// failed) is taken for that step's: the host had booted it, the journal had not
+    /// recorded it yet.
     pub fn knows_boot(&self, instance: Option<u64>) -> bool {
         let Some(instance) = instance else {
             return true;
         };
+        if let Some(last) = self.progress.begun.last() {
+            let interrupted = !self.progress.is_done(last) && !self.progress.failed.contains(last);
+            if interrupted && step_rule(self.begun.kind, last.kind()).is_some_and(|r| r.boots) {
+                return true;
+            }
+        }
         let noted: Vec<u64> = self
             .progress
             .notes

@@ -212,12 +212,13 @@ fn undefine_refuses_a_domain_with_snapshots_unless_asked_to_delete_them() {
         .domain_command("vm", &DomainAction::Undefine { snapshots: true })
         .unwrap();
     assert!(lab.host.domain("vm").is_err());
-    assert!(engine.list("vm").unwrap().is_empty());
-    // The memory images went with them: nothing is referenced, verify is clean.
-    let report = engine.verify(None, true).unwrap();
-    assert!(report.is_clean(), "{report:?}");
+    assert!(engine.catalog("vm").unwrap().snapshots.is_empty());
+    // The memory images went with them: nothing holds them, gc frees them, verify is clean.
+    engine.gc().unwrap();
     let stats = engine.memory_stats().unwrap();
     assert_eq!(stats.images, 0, "{stats:?}");
+    let report = engine.verify(None, true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -249,8 +250,10 @@ fn an_operation_recovery_abandons_releases_its_memory_image() {
     // The domain vanishes from the host meanwhile (removed outside domsnap).
     lab.host.destroy("vm").unwrap();
     lab.host.undefine_domain("vm").unwrap();
-    let engine = lab.engine();
+    let mut engine = lab.engine();
     assert_eq!(lab.outcome(&engine, op), Outcome::Failed);
+    // Nothing holds its image any more: gc frees it.
+    engine.gc().unwrap();
     assert_eq!(engine.memory_stats().unwrap().images, 0);
     let report = engine.verify(None, true).unwrap();
     assert!(report.is_clean(), "{report:?}");

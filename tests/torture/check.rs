@@ -80,7 +80,7 @@ pub fn check(world: &mut World) -> Result<(), String> {
     // 1. Nothing open, nothing abandoned (the history the round ended with).
     for op in &world.history {
         let outcome = op["outcome"].as_str().unwrap_or("?");
-        if outcome == "open" || outcome == "failed" {
+        if outcome == "open" || outcome == "failed" || outcome == "needs-recovery" {
             problems.push(format!("operation {} is {outcome}: {op}", op["id"]));
         }
     }

@@ -349,8 +349,9 @@ fn allowed(ran: &Ran, fault: &Fault) -> bool {
         (Ended::Killed, Fault::Kill(_)) => true,
         // A failpoint's abort (SIGABRT), possibly after a step failed.
         (Ended::Crashed(6), Fault::Failpoint { .. }) => true,
-        // A step failed by an error failpoint: exit 1, rolled back or left to recovery.
-        (Ended::Exit(1), Fault::Failpoint { crash: false, .. }) => true,
+        // A step failed by an error failpoint: exit 1, rolled back or left to recovery; or
+        // exit 5, past a revert's point of no return, marked as needing `domsnap recover`.
+        (Ended::Exit(1 | 5), Fault::Failpoint { crash: false, .. }) => true,
         // Killed by the cut, or failed on the frozen file system just before.
         (Ended::Killed | Ended::Exit(1), Fault::PowerCut(_)) => true,
         _ => false,
@@ -513,6 +514,8 @@ fn settle(world: &mut World, action: &Action, ran: &Ran) -> Result<(), String> {
                     m.snaps.remove(n);
                 }
             }
+            // A `domain` command is an operation too; what it did is accounted for below.
+            (k, Action::Domain { dom: d, verb, .. }) if *d == dom && k == *verb => {}
             _ => {
                 return Err(format!(
                     "operation {id} ({kind} {dom}/{snap}) matches no request"
@@ -553,6 +556,11 @@ fn settle(world: &mut World, action: &Action, ran: &Ran) -> Result<(), String> {
             }
             let again = world.run(&args, &Fault::None);
             world.note(format!("    again: {}", again.describe()));
+            // Run again, the command is an operation of this round too.
+            world.history = history(&world.env);
+            for op in &world.history {
+                world.last_op = world.last_op.max(op["id"].as_u64().unwrap());
+            }
             if !matches!(again.ended, Ended::Exit(0) | Ended::Exit(2)) {
                 return Err(format!("repeating a domain command: {}", again.describe()));
             }
