@@ -58,10 +58,10 @@
 //! | undefine  | anywhere else                                  | roll forward: remove the domain, release its snapshots' images |
 //!
 //! A step that fails runs the same decision at once. Where it says forward, a create or
-//! delete is left open for the next command's recovery to finish; a revert past its point
-//! of no return — and any recovery that fails — is marked *needs recovery*: automatic
-//! recovery leaves it alone, only `domsnap recover` continues it, and the domain accepts no
-//! other command until then.
+//! delete is left open for the next command's recovery to finish, and so is one whose roll
+//! back fails; a revert past its point of no return — and any recovery that fails — is
+//! marked *needs recovery*: automatic recovery leaves it alone, only `domsnap recover`
+//! continues it, and the domain accepts no other command until then.
 
 use std::fmt;
 

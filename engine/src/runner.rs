@@ -237,17 +237,15 @@ impl Engine {
                     "it was rolled back: nothing was changed".to_string(),
                     Aftermath::RolledBack,
                 ),
-                Err(undo) => {
-                    let marked = self.mark_needs_recovery(rec.op(), &undo);
-                    (
-                        format!(
-                            "rolling it back failed too ({}){}",
-                            error_chain(&undo),
-                            needs_recovery_text(marked)
-                        ),
-                        Aftermath::NeedsRecovery,
-                    )
-                }
+                // Left open: the next command's recovery tries once more (a full disk may
+                // have room again), and marks it as needing recovery if that fails too.
+                Err(undo) => (
+                    format!(
+                        "rolling it back failed too ({}); the next domsnap command retries",
+                        error_chain(&undo)
+                    ),
+                    Aftermath::Unfinished,
+                ),
             },
             Decision::Forward => match desc.on_forward_failure() {
                 OnForwardFailure::Retry => (
