@@ -42,8 +42,9 @@ fn last_op(env: &Env) -> Value {
 
 /// After recovery: nothing open, everything consistent, state as expected.
 fn check_recovered(env: &Env, domain: &str, state: &str) -> Value {
-    // Any command recovers first; `list` is a reader.
-    env.json(&["list", domain]);
+    // Readers never recover (they show the interrupted operation as open); the next command
+    // that writes does, `recover` among them.
+    env.json(&["recover"]);
     let history = env.json(&["history"]);
     for op in history.as_array().unwrap() {
         assert_ne!(op["outcome"], "open", "operation left open: {op}");
@@ -160,9 +161,14 @@ fn disk_only_create_killed_while_paused_resumes_the_domain() {
             &["create", "p", "d", "--disk-only", "--crash-consistent"],
             fp,
         );
-        // The crash left the domain paused; the very next command, even `domain info`,
-        // recovers first and the domain runs again.
-        assert_eq!(env.domain_state("p"), "running", "{fp}");
+        // The crash left the domain paused. Readers show it as it is, and the open
+        // operation as open; the next command that writes recovers first, and the domain
+        // runs again.
+        assert_eq!(env.domain_state("p"), "paused", "{fp}");
+        let h = env.json(&["history"]);
+        assert_eq!(h.as_array().unwrap().last().unwrap()["outcome"], "open");
+        env.run(&["domain", "list"]);
+        assert_eq!(env.domain_state("p"), "paused", "{fp}: a reader recovered");
         let op = check_recovered(&env, "p", "running");
         assert!(op["recovery"].as_str().is_some(), "{fp}: {op}");
         let expected = if fp.ends_with("after-pause") {
@@ -275,10 +281,14 @@ fn a_crash_during_recovery_converges_on_the_next_start() {
     // Recovery decides to roll back, then dies while undoing the first disk snapshot.
     crash(
         &env,
-        &["list", "x"],
+        &["recover"],
         "engine::create::before-undo-snapshot-disk",
     );
-    crash(&env, &["list", "x"], "engine::recover::after-decide");
+    crash(
+        &env,
+        &["domain", "pause", "x"],
+        "engine::recover::after-decide",
+    );
     let op = check_recovered(&env, "x", "running");
     assert_eq!(op["outcome"], "rolled-back");
     assert!(!env.snapshot_names("x").contains("t"));

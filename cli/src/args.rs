@@ -54,7 +54,7 @@ pub enum Command {
     /// Show what domsnap did: operations, steps, durations, outcomes.
     History(HistoryArgs),
     /// Finish or undo interrupted operations now, those that need recovery too (every
-    /// command does the rest first).
+    /// command that writes does the rest first).
     Recover(RecoverArgs),
     /// Check the journal, the catalog against every disk, and the memory image store.
     Verify(VerifyArgs),
@@ -209,6 +209,20 @@ pub struct HistoryArgs {
     pub since: Option<String>,
 }
 
+/// `recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The journal is lost or does not belong here (exit 7): build a new one from what is on
+    /// disk (the disks' snapshot tags), with operation ids above every one seen. The old
+    /// journal, if any, is moved aside, never deleted.
+    #[arg(long, conflicts_with = "force")]
+    pub adopt: bool,
+    /// Finish an operation even on a domain that was started after its interruption
+    /// (a revert then replaces that boot).
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// `verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -226,15 +240,6 @@ pub struct VerifyArgs {
     /// With --disks: free leaked clusters (nothing else is changed).
     #[arg(long, requires = "disks")]
     pub repair: bool,
-}
-
-/// `recover`.
-#[derive(Debug, Args)]
-pub struct RecoverArgs {
-    /// Finish an operation even on a domain that was started after its interruption
-    /// (a revert then replaces that boot).
-    #[arg(long)]
-    pub force: bool,
 }
 
 /// `demo`.

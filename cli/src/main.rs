@@ -9,7 +9,10 @@
 //! - 4 `verify` found problems;
 //! - 5 the domain has an unfinished operation that needs `domsnap recover` (nothing was
 //!   changed), or `recover` left one unfinished;
-//! - 6 stored state is damaged or does not add up (journal, memory store, images).
+//! - 6 stored state is damaged or does not add up (journal, memory store, images);
+//! - 7 the journal does not belong with the state directory's stores (missing, another
+//!   state directory's, an older copy put back): nothing was changed; `domsnap recover
+//!   --adopt` is the way out.
 
 mod args;
 mod demo;
@@ -43,6 +46,8 @@ const EXIT_PROBLEMS: u8 = 4;
 const EXIT_NEEDS_RECOVERY: u8 = 5;
 /// Exit status when stored state is damaged.
 const EXIT_CORRUPTION: u8 = 6;
+/// Exit status when the journal does not belong with the stores beside it.
+const EXIT_IDENTITY: u8 = 7;
 
 /// An error that was caused by the request, not by a failure.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,12 @@ struct Problems;
 struct Unrecovered(usize);
 
 fn main() -> ExitCode {
+    // Guest memory, disks, configurations and the journal are private, whatever the umask
+    // domsnap was started with; simulated guests inherit it.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let mut raw = std::env::args_os();
     let _exe = raw.next();
     let first = raw.next();
@@ -132,6 +143,7 @@ fn exit_code(err: &anyhow::Error, kind: Option<ErrorKind>) -> u8 {
         Some(ErrorKind::Busy) => EXIT_BUSY,
         Some(ErrorKind::NeedsRecovery) => EXIT_NEEDS_RECOVERY,
         Some(ErrorKind::Corruption) => EXIT_CORRUPTION,
+        Some(ErrorKind::Identity) => EXIT_IDENTITY,
         Some(ErrorKind::Failure) | None => EXIT_FAILURE,
     }
 }
@@ -155,16 +167,26 @@ fn state_dir(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/domsnap"))
 }
 
-/// The host the command drives.
-pub(crate) fn open_host(kind: HostKind, state: &Path) -> anyhow::Result<Box<dyn Host>> {
-    match kind {
-        HostKind::Sim => Ok(Box::new(SimHost::open(state).map_err(engine::Error::from)?)),
+/// The host the command drives; `access` [`Access::Read`] opens it without creating
+/// anything.
+pub(crate) fn open_host(
+    kind: HostKind,
+    state: &Path,
+    access: Access,
+) -> anyhow::Result<Box<dyn Host>> {
+    match (kind, access) {
+        (HostKind::Sim, Access::Write) => Ok(Box::new(
+            SimHost::open(state).map_err(engine::Error::from)?,
+        )),
+        (HostKind::Sim, Access::Read) => Ok(Box::new(
+            SimHost::open_read_only(state).map_err(engine::Error::from)?,
+        )),
         #[cfg(feature = "xen")]
-        HostKind::Xen => Ok(Box::new(
+        (HostKind::Xen, _) => Ok(Box::new(
             xen::xenhost::XenHost::open(state).map_err(engine::Error::from)?,
         )),
         #[cfg(not(feature = "xen"))]
-        HostKind::Xen => Err(Usage(
+        (HostKind::Xen, _) => Err(Usage(
             "this domsnap was built without Xen support: rebuild with `cargo build --release --features xen` on a dom0"
                 .into(),
         )
@@ -180,7 +202,7 @@ fn open_engine(
     wait: u64,
     json: bool,
 ) -> anyhow::Result<Engine> {
-    let host = open_host(cli_host, state)?;
+    let host = open_host(cli_host, state, access)?;
     let observer = progress::observer(json);
     Ok(Engine::open(
         state,
@@ -292,6 +314,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 since,
             })?;
             output::history(&ops, json)
+        }
+        Command::Recover(a) if a.adopt => {
+            let host = open_host(cli.host, &state, Access::Write)?;
+            let (_engine, report) = Engine::adopt(
+                &state,
+                host,
+                Duration::from_secs(cli.wait),
+                progress::observer(json),
+            )?;
+            output::adopted(&report, json)
         }
         Command::Recover(a) => {
             // Opening for writing runs the automatic recovery; this one also retries what

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use engine::memstore::GcReport;
 use engine::recovery::Recovered;
-use engine::{OpView, OpenOp, SnapshotView, VerifyReport};
+use engine::{AdoptReport, OpView, OpenOp, SnapshotView, VerifyReport};
 use journal::DomainCatalog;
 use xen::DomainInfo;
 
@@ -60,7 +60,11 @@ fn open_text(open: &OpenOp) -> String {
             "operation {} ({what}) needs recovery; run `domsnap recover`",
             open.op
         ),
-        _ => format!("operation {} ({what}) is unfinished", open.op),
+        _ => format!(
+            "operation {} ({what}) is open: in progress, or interrupted and waiting for the \
+             next command that writes to recover it",
+            open.op
+        ),
     }
 }
 
@@ -368,13 +372,43 @@ pub fn verified(report: &VerifyReport, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for (what, list) in [
+        ("identity", &report.identity),
         ("journal", &report.journal),
         ("disks", &report.disks),
         ("memory", &report.memory),
+        ("files", &report.files),
     ] {
         for p in list {
             println!("{what}: {p}");
         }
+    }
+    Ok(())
+}
+
+/// `recover --adopt`.
+pub fn adopted(r: &AdoptReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&serde_json::to_value(r)?);
+    }
+    println!(
+        "adopted: a new journal for state {}, operation ids from {}",
+        r.state, r.first_op
+    );
+    if let Some(old) = &r.replaced {
+        println!("  the journal it replaces was moved to {}", old.display());
+    }
+    for d in &r.domains {
+        println!(
+            "  domain {}: {} snapshot(s) (operation {}){}{}",
+            d.domain,
+            d.snapshots.len(),
+            d.op,
+            if d.snapshots.is_empty() { "" } else { ": " },
+            d.snapshots.join(", ")
+        );
+    }
+    for p in &r.problems {
+        println!("  not rebuilt: {p}");
     }
     Ok(())
 }

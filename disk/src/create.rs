@@ -12,6 +12,7 @@ use crate::format::{put32, put64, EXT_BACKING_FORMAT, MAGIC};
 use crate::meta::set_refcount;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub fn create(
@@ -142,10 +143,12 @@ fn temp_name(path: &Path) -> Result<std::path::PathBuf> {
 }
 
 fn write_new(tmp: &Path, head: &[u8], body: &[u8], cs: u64) -> Result<()> {
+    // Disk images hold guest data: private to their owner, whatever the umask.
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(tmp)
         .map_err(io("create temporary image", tmp))?;
     file.write_all_at(head, 0)

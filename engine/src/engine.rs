@@ -4,13 +4,19 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use journal::{DomainCatalog, Event, Journal, Mode, OpId, OpKind, Outcome};
+use journal::{
+    DomainCatalog, Event, Journal, JournalIdentity, Mode, OpId, OpKind, Outcome, WriterLock,
+};
+use store::{LocalStore, ObjectStore};
 use xen::{DomainInfo, Host};
 
 use crate::error::{Error, Result};
+use crate::identity::{Check, Mark, Marker, Mismatch, MARK_NAME};
 use crate::memstore::MemStore;
 use crate::names;
 use crate::plan::Failpoint;
@@ -43,10 +49,69 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
 /// What a command needs from the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// It changes things: wait for the journal, recover first.
+    /// It changes things: wait for the journal, check identities, recover first.
     Write,
-    /// It only reads: recover if the journal is free, else read beside the writer.
+    /// It only reads: beside any writer, on a read-only file system; writes nothing.
     Read,
+}
+
+/// The name of this state directory's manifests in the memory store: its state id (or,
+/// for a journal without one, the store's default).
+fn state_name(journal: &Journal) -> String {
+    journal
+        .identity()
+        .map(|id| id.state.to_string())
+        .unwrap_or_else(|| crate::memstore::DEFAULT_STATE.to_string())
+}
+
+/// What the memory store's mark calls it in messages.
+const MEMORY_STORE: &str = "memory store";
+
+/// The marks of the stores a journal in `state` governs: the memory store's (in `memory`),
+/// and the host directories' (`sim`, `xen`, and the directory of `host_kind` if another).
+pub(crate) fn markers(state: &Path, host_kind: &str, memory: &Arc<dyn ObjectStore>) -> Vec<Marker> {
+    let mut out = vec![Marker::in_store(MEMORY_STORE, memory.clone())];
+    for kind in ["sim", "xen", host_kind] {
+        let m = Marker::in_dir(format!("{kind} host directory"), &state.join(kind));
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// The memory store's directory.
+pub(crate) fn memory_dir(state: &Path) -> PathBuf {
+    state.join("memory")
+}
+
+/// The memory store, opened to look at (nothing is created or written).
+pub(crate) fn memory_read_only(state: &Path) -> Result<Arc<dyn ObjectStore>> {
+    let store = LocalStore::open(&memory_dir(state), true).map_err(crate::memstore::Error::from)?;
+    Ok(Arc::new(store))
+}
+
+/// Creates directory `dir` mode 0700 (whatever the umask) if it does not exist.
+pub(crate) fn make_private_dir(dir: &Path, op: &'static str) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::Io {
+            op,
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        Error::Io {
+            op,
+            path: dir.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// The domsnap engine.
@@ -57,6 +122,7 @@ pub struct Engine {
     pub(crate) memory: MemStore,
     pub(crate) observer: Box<dyn Observer>,
     locks: BTreeMap<String, File>,
+    identity_problem: Option<Mismatch>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -77,17 +143,13 @@ fn lock_path(state: &Path, domain: &str) -> PathBuf {
 pub(crate) fn lock_domain(state: &Path, domain: &str) -> Result<File> {
     names::check("domain", domain)?;
     let path = lock_path(state, domain);
-    let dir = state.join("locks");
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        op: "create lock directory",
-        path: dir,
-        source,
-    })?;
+    make_private_dir(&state.join("locks"), "create lock directory")?;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| Error::Io {
             op: "open lock file",
@@ -124,9 +186,20 @@ impl Engine {
     /// Opens the engine on state directory `state` with `host`.
     ///
     /// With [`Access::Write`], `domain` (if given) is locked first — a second operation on
-    /// the same domain is refused at once with [`Error::Busy`] — then the journal is opened
-    /// for writing, waiting up to `wait` for another domsnap process to finish. Every
-    /// interrupted operation is then recovered before anything else happens.
+    /// the same domain is refused at once with [`Error::Busy`] — then the journal's writer
+    /// lock is taken, waiting up to `wait` for another domsnap process to finish. The journal
+    /// is checked against the stores beside it ([`crate::identity`]): a mismatch is
+    /// [`Error::Identity`] and nothing is changed. A state directory that was never used is
+    /// initialized (directory mode 0700, a new journal with a new state id, the stores'
+    /// marks). Every interrupted operation is then recovered before anything else happens.
+    /// Files domsnap writes itself are created 0600; RocksDB creates the journal's with the
+    /// process's umask, which the `domsnap` binary sets to 077 at start (and the journal's
+    /// directory is 0700).
+    ///
+    /// With [`Access::Read`], nothing is written in `state`: the journal is opened read-only
+    /// (or, if there is none, read as empty), nothing is created, locked or recovered, and
+    /// open operations stay open for the next writer. A mismatch of identities is kept and
+    /// returned by the queries ([`Engine::identity_problem`]).
     pub fn open(
         state: &Path,
         host: Box<dyn Host>,
@@ -135,28 +208,49 @@ impl Engine {
         wait: Duration,
         observer: Box<dyn Observer>,
     ) -> Result<Engine> {
-        std::fs::create_dir_all(state).map_err(|source| Error::Io {
-            op: "create state directory",
-            path: state.to_path_buf(),
-            source,
-        })?;
+        match access {
+            Access::Write => Engine::open_writer(state, host, domain, wait, observer),
+            Access::Read => Engine::open_reader(state, host, observer),
+        }
+    }
+
+    fn open_writer(
+        state: &Path,
+        host: Box<dyn Host>,
+        domain: Option<&str>,
+        wait: Duration,
+        observer: Box<dyn Observer>,
+    ) -> Result<Engine> {
+        make_private_dir(state, "create state directory")?;
         let mut locks = BTreeMap::new();
-        if let (Access::Write, Some(d)) = (access, domain) {
+        if let Some(d) = domain {
             locks.insert(d.to_string(), lock_domain(state, d)?);
         }
         let db = state.join("journal");
-        let journal = match access {
-            Access::Write => open_waiting(&db, wait, observer.as_ref())?,
-            Access::Read => match Journal::open(&db, Mode::Primary) {
-                Err(journal::Error::Busy(_)) if db.exists() => Journal::open(&db, Mode::ReadOnly)?,
-                other => other?,
-            },
+        let lock = lock_waiting(&db, wait, observer.as_ref())?;
+        let looking = memory_read_only(state)?;
+        let check = Check::read(&markers(state, host.kind(), &looking), looking.as_ref())?;
+        let journal = if Journal::exists(&db) {
+            let mut journal = Journal::open_writer(&db, lock)?;
+            if let Some(mismatch) = check.against(&journal) {
+                return Err(mismatch.into());
+            }
+            if journal.identity().is_none() {
+                // A journal from before state ids: it is this state directory's.
+                journal.set_identity(JournalIdentity::fresh()?)?;
+            }
+            journal
+        } else {
+            if let Some(mismatch) = check.without_journal(&db) {
+                return Err(mismatch.into());
+            }
+            Journal::create(&db, lock, JournalIdentity::fresh()?)?
         };
-        let memory = MemStore::open(
-            &state.join("memory"),
-            crate::memstore::DEFAULT_STATE,
-            journal.mode() != Mode::Primary,
-        )?;
+        let objects: Arc<dyn ObjectStore> = Arc::new(
+            LocalStore::open(&memory_dir(state), false).map_err(crate::memstore::Error::from)?,
+        );
+        let memory =
+            MemStore::with_objects(objects.clone(), &memory_dir(state), &state_name(&journal));
         let mut engine = Engine {
             state: state.to_path_buf(),
             journal,
@@ -164,11 +258,89 @@ impl Engine {
             memory,
             observer,
             locks,
+            identity_problem: None,
         };
-        if engine.journal.mode() == Mode::Primary {
-            engine.recover(RecoverMode::Automatic)?;
-        }
+        engine.write_missing_marks(&check, &markers(state, engine.host.kind(), &objects))?;
+        engine.recover(RecoverMode::Automatic)?;
         Ok(engine)
+    }
+
+    fn open_reader(
+        state: &Path,
+        host: Box<dyn Host>,
+        observer: Box<dyn Observer>,
+    ) -> Result<Engine> {
+        let db = state.join("journal");
+        // Marks first: a high-water mark is written after the journal has the operation.
+        let objects = memory_read_only(state)?;
+        let check = Check::read(&markers(state, host.kind(), &objects), objects.as_ref())?;
+        let (journal, identity_problem) = if Journal::exists(&db) {
+            let journal = Journal::open_read_only(&db)?;
+            let problem = check.against(&journal);
+            (journal, problem)
+        } else {
+            (Journal::empty()?, check.without_journal(&db))
+        };
+        let name = state_name(&journal);
+        Ok(Engine {
+            state: state.to_path_buf(),
+            journal,
+            host,
+            memory: MemStore::with_objects(objects, &memory_dir(state), &name),
+            observer,
+            locks: BTreeMap::new(),
+            identity_problem,
+        })
+    }
+
+    /// Writes the mark of every store that had none when `check` read them (a new state
+    /// directory, a store that appeared since), with the journal's state id; `writable` are
+    /// the same markers, opened for writing.
+    fn write_missing_marks(&mut self, check: &Check, writable: &[Marker]) -> Result<()> {
+        let Some(id) = self.journal.identity() else {
+            return Ok(());
+        };
+        let high_water = self.journal.next_seq() - 1;
+        for ((_, mark), marker) in check.marks.iter().zip(writable) {
+            if mark.is_none() && marker.writable() {
+                marker.write(&Mark {
+                    state: id.state,
+                    high_water,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records durably, beside the memory store, that operation `op` may touch things:
+    /// no later journal may give its id again.
+    pub(crate) fn raise_high_water(&mut self, op: OpId) -> Result<()> {
+        let Some(id) = self.journal.identity() else {
+            return Ok(());
+        };
+        let bytes = journal::record::encode(&Mark {
+            state: id.state,
+            high_water: op,
+        })?;
+        self.memory
+            .objects()
+            .replace(MARK_NAME, &bytes)
+            .map_err(|e| Error::Memory(e.into()))
+    }
+
+    /// Why the journal does not belong with the stores beside it, if it does not (only a
+    /// reader can be open with a mismatch: writers refuse to open).
+    pub fn identity_problem(&self) -> Option<&Mismatch> {
+        self.identity_problem.as_ref()
+    }
+
+    /// [`Error::Identity`] if the journal does not belong with the stores: what queries
+    /// check first, so a reader never presents a wrong journal as the truth.
+    pub(crate) fn trusted(&self) -> Result<()> {
+        match &self.identity_problem {
+            Some(m) => Err(Error::Identity(m.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The host.
@@ -201,8 +373,7 @@ impl Engine {
             Ok(())
         } else {
             Err(Error::Refused(
-                "the journal is held by another domsnap process; this command was opened read-only"
-                    .into(),
+                "this command opened the journal read-only and cannot change anything".into(),
             ))
         }
     }
@@ -295,11 +466,16 @@ fn kind_name<S: serde::Serializer>(kind: &OpKind, s: S) -> std::result::Result<S
     s.serialize_str(kind.as_str())
 }
 
-fn open_waiting(db: &Path, wait: Duration, observer: &dyn Observer) -> Result<Journal> {
+/// Takes the journal's writer lock, waiting up to `wait` for another domsnap process.
+pub(crate) fn lock_waiting(
+    db: &Path,
+    wait: Duration,
+    observer: &dyn Observer,
+) -> Result<WriterLock> {
     let deadline = Instant::now() + wait;
     let mut told = false;
     loop {
-        match Journal::open(db, Mode::Primary) {
+        match WriterLock::acquire(db) {
             Err(journal::Error::Busy(_)) if Instant::now() < deadline => {
                 if !told {
                     observer.note("waiting for another domsnap operation to finish…");

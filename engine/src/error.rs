@@ -15,6 +15,10 @@ pub enum ErrorKind {
     NeedsRecovery,
     /// Stored state cannot be read or does not add up (journal, memory store, images).
     Corruption,
+    /// The journal does not belong with the stores beside it (missing, another state
+    /// directory's, an older copy): nothing was changed; `domsnap recover --adopt` is the
+    /// way out.
+    Identity,
     /// The operation failed (the message says what was rolled back or what comes next).
     Failure,
 }
@@ -27,6 +31,7 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::NeedsRecovery => "needs-recovery",
             ErrorKind::Corruption => "corruption",
+            ErrorKind::Identity => "identity",
             ErrorKind::Failure => "failure",
         }
     }
@@ -35,7 +40,7 @@ impl ErrorKind {
     pub fn changed_nothing(self) -> bool {
         matches!(
             self,
-            ErrorKind::User | ErrorKind::Busy | ErrorKind::NeedsRecovery
+            ErrorKind::User | ErrorKind::Busy | ErrorKind::NeedsRecovery | ErrorKind::Identity
         )
     }
 }
@@ -182,6 +187,10 @@ pub enum Error {
     /// The memory image store failed.
     #[error(transparent)]
     Memory(#[from] crate::memstore::Error),
+    /// The journal does not belong with the stores beside it (missing, from another state
+    /// directory, older than what the stores have seen). Nothing was changed.
+    #[error("{0}; {remedy}", remedy = .0.remedy())]
+    Identity(crate::identity::Mismatch),
     /// A state file could not be used.
     #[error("{op} {path}")]
     Io {
@@ -193,6 +202,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<crate::identity::Mismatch> for Error {
+    fn from(m: crate::identity::Mismatch) -> Error {
+        Error::Identity(m)
+    }
 }
 
 impl Error {
@@ -219,6 +234,7 @@ impl Error {
                 Aftermath::Unfinished => ErrorKind::Failure,
             },
             Error::Corrupt { .. } => ErrorKind::Corruption,
+            Error::Identity(_) => ErrorKind::Identity,
             Error::Host(e) => host_kind(e),
             Error::Journal(journal::Error::Busy(_)) => ErrorKind::Busy,
             Error::Journal(journal::Error::Corruption { .. } | journal::Error::Version { .. }) => {
@@ -233,6 +249,11 @@ impl Error {
     /// Whether the error comes from the request (bad input, wrong state), not a failure.
     pub fn is_user_error(&self) -> bool {
         self.kind() == ErrorKind::User
+    }
+
+    /// Whether the journal does not belong with the stores beside it.
+    pub fn is_identity_mismatch(&self) -> bool {
+        self.kind() == ErrorKind::Identity
     }
 
     /// Whether another operation holds what was asked for.

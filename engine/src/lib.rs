@@ -5,16 +5,20 @@
 //!   recovery does with each, rendered from them.
 //! - [`create`], [`revert`], [`delete`], [`domain`]: the operations; `runner.rs` carries
 //!   out every one of them, new or recovered.
-//! - [`recovery`]: what runs at every start.
+//! - [`recovery`]: what runs before every command that writes.
+//! - [`adopt`]: a new journal from what is on disk, for a state directory that lost its own.
 //! - [`query`], [`verify`]: read-only views and checks.
 //! - [`memstore`]: content-addressed memory images.
+//! - [`identity`]: the state id that ties the journal to the stores it governs.
 #![warn(missing_docs)]
 
+pub mod adopt;
 pub mod create;
 pub mod delete;
 pub mod domain;
 mod engine;
 mod error;
+pub mod identity;
 pub mod memstore;
 pub mod names;
 pub mod plan;
@@ -24,6 +28,7 @@ pub mod revert;
 mod runner;
 pub mod verify;
 
+pub use adopt::AdoptReport;
 pub use create::CreateRequest;
 pub use delete::DeleteRequest;
 pub use domain::DomainAction;

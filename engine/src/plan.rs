@@ -38,6 +38,7 @@
 //! | destroy   | `destroy`            | destroy the boot found at the start, if it is still up                        | —                                                                   |
 //! | undefine  | `undefine`           | remove the domain and its files unless it is gone                             | —                                                                   |
 //! | undefine  | `release-image:S`    | release the memory image of a snapshot removed with the domain                | —                                                                   |
+//! | adopt     | `rebuild-catalog`    | the catalog from the disks' tags and the store's manifests, in one write      | —                                                                   |
 //!
 //! ‡ Recovery refuses to run it on a domain that was started after the interruption (a boot
 //! the operation did not record) unless `domsnap recover --force`.
@@ -56,6 +57,7 @@
 //! | define, start, pause, unpause, shutdown, destroy | anywhere else                                  | roll forward: finish it on the boot it began with            |
 //! | undefine  | after its `undefine` step failed               | roll back: nothing to undo                                   |
 //! | undefine  | anywhere else                                  | roll forward: remove the domain, release its snapshots' images |
+//! | adopt     | never (one write)                              | roll back: nothing to undo                                   |
 //!
 //! A step that fails runs the same decision at once. Where it says forward, a create or
 //! delete is left open for the next command's recovery to finish, and so is one whose roll
@@ -112,6 +114,8 @@ pub enum Step {
     Destroy,
     /// Remove the domain and its files.
     Undefine,
+    /// Rebuild the domain's catalog from what is on disk (`recover --adopt`).
+    RebuildCatalog,
 }
 
 /// A [`Step`] without its arguments: what the tables and failpoint names speak of.
@@ -155,6 +159,8 @@ pub enum StepKind {
     Destroy,
     /// [`Step::Undefine`].
     Undefine,
+    /// [`Step::RebuildCatalog`].
+    RebuildCatalog,
 }
 
 impl StepKind {
@@ -180,6 +186,7 @@ impl StepKind {
             StepKind::Shutdown => "shutdown",
             StepKind::Destroy => "destroy",
             StepKind::Undefine => "undefine",
+            StepKind::RebuildCatalog => "rebuild-catalog",
         }
     }
 
@@ -235,6 +242,7 @@ impl Step {
             Step::Shutdown => StepKind::Shutdown,
             Step::Destroy => StepKind::Destroy,
             Step::Undefine => StepKind::Undefine,
+            Step::RebuildCatalog => StepKind::RebuildCatalog,
         }
     }
 
@@ -268,6 +276,7 @@ impl Step {
             ("shutdown", None) => Step::Shutdown,
             ("destroy", None) => Step::Destroy,
             ("undefine", None) => Step::Undefine,
+            ("rebuild-catalog", None) => Step::RebuildCatalog,
             _ => return None,
         })
     }
@@ -468,6 +477,11 @@ pub(crate) trait Operation: Sync {
     }
     /// What the committed operation changes in the catalog.
     fn commit(&self, e: &mut Engine, op: &OpRecord) -> Result<CatalogChange>;
+    /// Whether the operation is journaled in one write, begin to commit (it then has no
+    /// crash points: nothing of it can be half done).
+    fn journaled_at_once(&self) -> bool {
+        false
+    }
     /// Releases what the operation holds when it must be abandoned (its domain is gone).
     fn abandon(&self, e: &mut Engine, op: &OpRecord) -> Result<Batch> {
         let _ = (e, op);
@@ -488,6 +502,7 @@ pub(crate) fn description(kind: OpKind) -> &'static dyn Operation {
         OpKind::Shutdown => &crate::domain::SHUTDOWN,
         OpKind::Destroy => &crate::domain::DESTROY,
         OpKind::Undefine => &crate::domain::UNDEFINE,
+        OpKind::Adopt => &crate::adopt::ADOPT,
     }
 }
 
@@ -575,6 +590,9 @@ pub fn failpoints() -> Vec<Failpoint> {
     let mut all = vec![Failpoint::recover_after_decide()];
     for kind in OpKind::ALL {
         let d = description(kind);
+        if d.journaled_at_once() {
+            continue;
+        }
         all.push(Failpoint::after_begin(kind));
         for rule in d.steps() {
             all.push(Failpoint::step(kind, Around::Before, rule.step));

@@ -160,6 +160,7 @@ impl Engine {
     /// A domain's snapshots, oldest first.
     pub fn list(&self, domain: &str) -> Result<Vec<SnapshotView>> {
         names::check("domain", domain)?;
+        self.trusted()?;
         let catalog = self.journal.domain_catalog(domain)?;
         if catalog.snapshots.is_empty() {
             // A domain nobody knows is an error, not an empty list (a domain gone from the
@@ -177,6 +178,7 @@ impl Engine {
     /// A domain's catalog (for tree output).
     pub fn catalog(&self, domain: &str) -> Result<DomainCatalog> {
         names::check("domain", domain)?;
+        self.trusted()?;
         Ok(self.journal.domain_catalog(domain)?)
     }
 
@@ -184,6 +186,7 @@ impl Engine {
     pub fn info(&self, domain: &str, name: &str) -> Result<SnapshotView> {
         names::check("domain", domain)?;
         names::check("snapshot", name)?;
+        self.trusted()?;
         let catalog = self.journal.domain_catalog(domain)?;
         let s = catalog
             .snapshots
@@ -200,6 +203,7 @@ impl Engine {
         if let Some(d) = &filter.domain {
             names::check("domain", d)?;
         }
+        self.trusted()?;
         let ops: Vec<OpSummary> = match filter.op {
             Some(op) => self.journal.op(op)?.into_iter().collect(),
             None => self.journal.ops()?,
@@ -212,6 +216,22 @@ impl Engine {
                 continue;
             }
             out.push(self.op_view(&summary)?);
+        }
+        Ok(out)
+    }
+
+    /// Operations that began and have not ended (of `domain`, or all), oldest first:
+    /// running now, or interrupted and waiting for recovery.
+    pub fn open_ops(&self, domain: Option<&str>) -> Result<Vec<OpView>> {
+        self.trusted()?;
+        let mut out = Vec::new();
+        for op in self.journal.open_ops()? {
+            let Some(summary) = self.journal.op(op)? else {
+                continue;
+            };
+            if domain.is_none_or(|d| d == summary.domain) {
+                out.push(self.op_view(&summary)?);
+            }
         }
         Ok(out)
     }

@@ -1,4 +1,4 @@
-//! Recovery: at every start, before any new operation, every interrupted operation is
+//! Recovery: when a writer opens, before any new operation, every interrupted operation is
 //! rolled forward or back by its description's rules ([`crate::plan`]), through the same
 //! runner as the normal path. Recovery is journaled (`RecoveryDecided`, its steps, the
 //! final event), so a crash during recovery converges on the next start.

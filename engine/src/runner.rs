@@ -211,6 +211,7 @@ impl Engine {
             });
         }
         self.journal.commit(batch)?;
+        self.raise_high_water(begun.op)?;
         crash_point(&Failpoint::after_begin(new.kind));
         Ok(OpRecord {
             begun,

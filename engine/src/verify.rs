@@ -2,6 +2,7 @@
 //! disk's qcow2 snapshot table, and the memory image store against the catalog.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -11,12 +12,18 @@ use crate::error::Result;
 /// What `verify` found; empty lists mean all is well.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
+    /// The journal does not belong with the stores beside it (missing, another state
+    /// directory's, older than what the stores have seen).
+    pub identity: Vec<String>,
     /// Projections that disagree with the events, open operations.
     pub journal: Vec<String>,
     /// Disk snapshots missing from an image or present without a catalog entry.
     pub disks: Vec<String>,
     /// Memory image store problems.
     pub memory: Vec<String>,
+    /// Files and directories readable or writable by others than their owner: in the state
+    /// directory, and the disk images of the domains it has snapshots of.
+    pub files: Vec<String>,
     /// What the image checks found fine or skipped.
     pub notes: Vec<String>,
 }
@@ -24,7 +31,11 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Whether nothing was found.
     pub fn is_clean(&self) -> bool {
-        self.journal.is_empty() && self.disks.is_empty() && self.memory.is_empty()
+        self.identity.is_empty()
+            && self.journal.is_empty()
+            && self.disks.is_empty()
+            && self.memory.is_empty()
+            && self.files.is_empty()
     }
 }
 
@@ -108,6 +119,11 @@ impl Engine {
             journal: self.journal.verify()?,
             ..VerifyReport::default()
         };
+        if let Some(mismatch) = self.identity_problem() {
+            report
+                .identity
+                .push(format!("{mismatch}; {}", mismatch.remedy()));
+        }
         for op in self.journal.open_ops()? {
             let summary = self.journal.op(op)?;
             let what = summary
@@ -191,6 +207,21 @@ impl Engine {
             }
         }
         report.memory = self.memory.check(&self.journal, &referenced)?;
+        report.files = wide_modes(&self.state);
+        let mut images = BTreeSet::new();
+        for (name, dc) in &catalog.domains {
+            if let Ok(info) = self.host.domain(name) {
+                images.extend(info.disks.iter().map(|d| d.path.clone()));
+            }
+            for d in dc.snapshots.values().flat_map(|s| s.disks.iter()) {
+                images.insert(std::path::PathBuf::from(&d.path));
+            }
+        }
+        for image in images.iter().filter(|p| !p.starts_with(&self.state)) {
+            if let Some(problem) = wide_mode(image) {
+                report.files.push(problem);
+            }
+        }
         if deep {
             for image in referenced.keys() {
                 if let Err(e) = self.memory.verify(&self.journal, image) {
@@ -202,6 +233,48 @@ impl Engine {
         }
         Ok(report)
     }
+}
+
+/// What is wrong with the mode of `path` (not followed if it is a symbolic link): `None` if
+/// only its owner may read or write it, or if it does not exist.
+fn wide_mode(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() || mode & 0o077 == 0 {
+        return None;
+    }
+    let (what, want) = if meta.is_dir() {
+        ("directory", "0700")
+    } else {
+        ("file", "0600")
+    };
+    Some(format!(
+        "{what} {} has mode {mode:04o}: others than its owner may use it (want {want}; guest data is secret)",
+        path.display()
+    ))
+}
+
+/// Every file and directory under `root` (and `root` itself) whose mode is wider than its
+/// owner's; symbolic links are not followed.
+fn wide_modes(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if let Some(problem) = wide_mode(&path) {
+            out.push(problem);
+        }
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if is_dir {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                let mut children: Vec<_> =
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                children.sort();
+                stack.extend(children.into_iter().rev());
+            }
+        }
+    }
+    out
 }
 
 impl Engine {

@@ -25,6 +25,13 @@ impl DomainCatalog {
                 self.snapshots.insert(meta.name.clone(), meta.clone());
             }
             CatalogChange::Reverted { name } => self.current = Some(name.clone()),
+            CatalogChange::Adopted { snapshots, current } => {
+                self.snapshots = snapshots
+                    .iter()
+                    .map(|s| (s.name.clone(), s.clone()))
+                    .collect();
+                self.current = current.clone();
+            }
             CatalogChange::Deleted { names } => {
                 for name in names {
                     let Some(gone) = self.snapshots.remove(name) else {

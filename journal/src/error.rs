@@ -12,9 +12,15 @@ pub enum Error {
         /// RocksDB's message.
         message: String,
     },
-    /// Another process holds the journal for writing.
+    /// Another process holds the journal's writer lock (who and which lock, in words).
     #[error("the journal is held by another domsnap process ({0})")]
     Busy(String),
+    /// There is no journal in the directory.
+    #[error("there is no journal in {}", .0.display())]
+    Missing(std::path::PathBuf),
+    /// A new journal was to be created where one exists.
+    #[error("{} holds a journal already", .0.display())]
+    Exists(std::path::PathBuf),
     /// A stored record failed its checks.
     #[error("journal corruption in {what}: {why}")]
     Corruption {
@@ -37,8 +43,8 @@ pub enum Error {
     /// Opened read-only; writing is not allowed.
     #[error("the journal is open read-only")]
     ReadOnly,
-    /// The state directory is unusable.
-    #[error("state directory {path}")]
+    /// A file or directory of the journal is unusable.
+    #[error("journal file {}", .path.display())]
     Io {
         /// The directory.
         path: std::path::PathBuf,

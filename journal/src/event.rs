@@ -189,11 +189,14 @@ pub enum OpKind {
     Destroy,
     /// Remove a shut-off domain (and, when asked, its snapshots).
     Undefine,
+    /// Rebuild a domain's catalog from what is on disk, in a new journal that replaces a
+    /// lost one (`recover --adopt`).
+    Adopt,
 }
 
 impl OpKind {
     /// Every kind, in declaration order.
-    pub const ALL: [OpKind; 10] = [
+    pub const ALL: [OpKind; 11] = [
         OpKind::Create,
         OpKind::Revert,
         OpKind::Delete,
@@ -204,6 +207,7 @@ impl OpKind {
         OpKind::Shutdown,
         OpKind::Destroy,
         OpKind::Undefine,
+        OpKind::Adopt,
     ];
 
     /// Lower-case name.
@@ -219,6 +223,7 @@ impl OpKind {
             OpKind::Shutdown => "shutdown",
             OpKind::Destroy => "destroy",
             OpKind::Undefine => "undefine",
+            OpKind::Adopt => "adopt",
         }
     }
 }
@@ -356,6 +361,14 @@ pub enum CatalogChange {
     },
     /// Nothing in the catalog changes (the `domain` commands).
     Unchanged,
+    /// The domain's catalog was rebuilt from what is on disk (`recover --adopt`): it is
+    /// exactly these snapshots.
+    Adopted {
+        /// Every snapshot found.
+        snapshots: Vec<SnapshotMeta>,
+        /// The current one, if known.
+        current: Option<String>,
+    },
 }
 
 /// Checkpoint (memory + disks) or disk-only.

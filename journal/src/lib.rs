@@ -3,6 +3,7 @@
 //! - [`event`]: the event schema (what is recorded).
 //! - [`record`]: how each value is framed on disk (magic, version, CRC-32, bincode).
 //! - [`catalog`]: the snapshot catalog, a projection of the events.
+//! - [`identity`]: the state directory's id, and the writer lock.
 //! - [`store`]: the database, its column families, atomic synced batches, queries,
 //!   verification and rebuild of the projections.
 //!
@@ -12,10 +13,12 @@
 pub mod catalog;
 mod error;
 pub mod event;
+pub mod identity;
 pub mod record;
 pub mod store;
 
 pub use catalog::{Catalog, DomainCatalog};
 pub use error::{Error, Result};
 pub use event::*;
+pub use identity::{JournalIdentity, StateId, WriterLock};
 pub use store::{Batch, Journal, Mode, OpSummary, Outcome, Table};

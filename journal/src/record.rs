@@ -142,7 +142,15 @@ mod tests {
             Event::OpCommitted {
                 op: 7,
                 at: 6,
-                change: CatalogChange::Created(meta),
+                change: CatalogChange::Created(meta.clone()),
+            },
+            Event::OpCommitted {
+                op: 10,
+                at: 9,
+                change: CatalogChange::Adopted {
+                    snapshots: vec![meta],
+                    current: None,
+                },
             },
             Event::OpRolledBack {
                 op: 8,

@@ -11,6 +11,7 @@
 //! | `open_ops`  | op (u64 BE)                       | empty                         |
 //! | `catalog`   | domain                            | [`DomainCatalog`]             |
 //! | `meta`      | `format`                          | u32 format version            |
+//! | `meta`      | `identity`                        | [`JournalIdentity`]           |
 //! | `chunks`, `images`, `packs` | owned by the memory image store ([`Table`]) |  |
 //!
 //! Events are only ever appended. The projections (`by_op`, `by_domain`, `ops`, `open_ops`,
@@ -21,14 +22,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, Direction, InfoLogger, IteratorMode, LogLevel, Options, WriteBatch,
+    WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, DomainCatalog};
 use crate::error::{Error, Result};
 use crate::event::{Decision, Event, Millis, OpBegun, OpId, OpKind, Seq};
+use crate::identity::{JournalIdentity, WriterLock};
 use crate::record;
 
 const FORMAT: u32 = 1;
@@ -40,6 +45,9 @@ const CF_OPS: &str = "ops";
 const CF_OPEN: &str = "open_ops";
 const CF_CATALOG: &str = "catalog";
 const CF_META: &str = "meta";
+
+const META_FORMAT: &[u8] = b"format";
+const META_IDENTITY: &[u8] = b"identity";
 
 /// Tables the journal keeps for the engine's memory image store. Their updates go in the
 /// same batch as the events that justify them.
@@ -241,7 +249,22 @@ pub struct Journal {
     db: DB,
     path: PathBuf,
     mode: Mode,
+    identity: Option<JournalIdentity>,
     next_seq: Seq,
+    /// Held by a writer for as long as it is open; dropped after `db` (declared after it).
+    _lock: Option<WriterLock>,
+    /// The private directory of an [empty](Journal::empty) journal, removed after `db`.
+    _scratch: Option<Scratch>,
+}
+
+/// A private temporary directory, removed when dropped.
+#[derive(Debug)]
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -249,22 +272,68 @@ impl std::fmt::Debug for Journal {
         f.debug_struct("Journal")
             .field("path", &self.path)
             .field("mode", &self.mode)
+            .field("identity", &self.identity)
             .field("next_seq", &self.next_seq)
             .finish()
     }
 }
 
 fn db_err(op: &'static str) -> impl Fn(rocksdb::Error) -> Error {
-    move |e| {
-        let message = e.to_string();
-        if message.contains("lock")
-            && (message.contains("LOCK") || message.contains("Resource temporarily"))
-        {
-            Error::Busy(message)
-        } else {
-            Error::Db { op, message }
+    move |e| Error::Db {
+        op,
+        message: e.into_string(),
+    }
+}
+
+/// How often a read-only open is tried before its error is reported.
+const READ_ONLY_ATTEMPTS: u32 = 20;
+
+/// The manifest `CURRENT` names in the database `path`, and its length: what changes with
+/// every change of the database's set of files.
+fn manifest_state(path: &Path) -> Option<(String, u64)> {
+    let current = std::fs::read_to_string(path.join("CURRENT")).ok()?;
+    let name = current.trim_end().to_string();
+    let len = std::fs::metadata(path.join(&name)).ok()?.len();
+    Some((name, len))
+}
+
+fn writer_options(create: bool) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(true);
+    opts.set_keep_log_file_num(4);
+    opts.set_max_log_file_size(1 << 20);
+    opts
+}
+
+fn cf_descriptors() -> impl Iterator<Item = ColumnFamilyDescriptor> {
+    ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()))
+}
+
+/// Creates `path` mode 0700 (whatever the umask) if needed, and fsyncs its parent.
+fn make_private_dir(path: &Path) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io)?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| Error::Io {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
         }
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -291,41 +360,206 @@ fn seq_of(key: &[u8], what: &str) -> Result<u64> {
 }
 
 impl Journal {
-    /// Opens (creating if needed, in [`Mode::Primary`]) the journal in directory `path`.
+    /// Opens the journal in directory `path`, for tests and tools that own their directory:
+    /// [`Mode::Primary`] takes the [`WriterLock`] and opens the journal, creating it with a
+    /// [fresh](JournalIdentity::fresh) identity if there is none; [`Mode::ReadOnly`] is
+    /// [`Journal::open_read_only`]. Engines decide themselves whether a missing journal may
+    /// be created: [`Journal::exists`], [`Journal::open_writer`], [`Journal::create`].
     pub fn open(path: &Path, mode: Mode) -> Result<Journal> {
-        let mut opts = Options::default();
-        opts.create_if_missing(mode == Mode::Primary);
-        opts.create_missing_column_families(mode == Mode::Primary);
-        opts.set_keep_log_file_num(4);
-        opts.set_max_log_file_size(1 << 20);
-        let db = match mode {
+        match mode {
+            Mode::ReadOnly => Journal::open_read_only(path),
             Mode::Primary => {
-                std::fs::create_dir_all(path).map_err(|source| Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let cfs = ALL_CFS
-                    .iter()
-                    .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-                DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open"))?
+                let lock = WriterLock::acquire(path)?;
+                if Journal::exists(path) {
+                    Journal::open_writer(path, lock)
+                } else {
+                    Journal::create(path, lock, JournalIdentity::fresh()?)
+                }
             }
-            Mode::ReadOnly => DB::open_cf_for_read_only(&opts, path, ALL_CFS, false)
-                .map_err(db_err("open read-only"))?,
+        }
+    }
+
+    /// Whether directory `path` holds a journal (a RocksDB database: its `CURRENT` file).
+    pub fn exists(path: &Path) -> bool {
+        path.join("CURRENT").is_file()
+    }
+
+    /// Opens the existing journal in `path` for writing, holding `lock` (taken on this
+    /// `path`) for as long as it is open. [`Error::Missing`] if there is no journal.
+    pub fn open_writer(path: &Path, lock: WriterLock) -> Result<Journal> {
+        if !Journal::exists(path) {
+            return Err(Error::Missing(path.to_path_buf()));
+        }
+        let opts = writer_options(false);
+        let db = DB::open_cf_descriptors(&opts, path, cf_descriptors()).map_err(db_err("open"))?;
+        Journal::with_db(db, path, Mode::Primary, Some(lock))
+    }
+
+    /// Creates a new journal in `path` (the directory is created mode 0700 if needed) that
+    /// belongs to `identity`, holding `lock` (taken on this `path`). [`Error::Exists`] if
+    /// `path` holds a journal already. The identity and the format version are written in
+    /// one synced batch before this returns.
+    pub fn create(path: &Path, lock: WriterLock, identity: JournalIdentity) -> Result<Journal> {
+        if Journal::exists(path) {
+            return Err(Error::Exists(path.to_path_buf()));
+        }
+        if identity.first_seq == 0 {
+            return Err(Error::Encode(
+                "a journal's first sequence number is 1 or more".into(),
+            ));
+        }
+        make_private_dir(path)?;
+        let opts = writer_options(true);
+        let db =
+            DB::open_cf_descriptors(&opts, path, cf_descriptors()).map_err(db_err("create"))?;
+        let mut wb = WriteBatch::default();
+        let meta = db.cf_handle(CF_META).ok_or_else(|| Error::Db {
+            op: "create",
+            message: format!("column family {CF_META} missing"),
+        })?;
+        wb.put_cf(meta, META_FORMAT, record::encode(&FORMAT)?);
+        wb.put_cf(meta, META_IDENTITY, record::encode(&identity)?);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo).map_err(db_err("create"))?;
+        Journal::with_db(db, path, Mode::Primary, Some(lock))
+    }
+
+    /// Opens the journal in `path` read-only: beside a writer in another process, on a
+    /// read-only file system, seeing what was committed when it opened. Nothing is written
+    /// in `path`: no lock file, and RocksDB's info log goes nowhere. [`Error::Missing`] if
+    /// there is no journal.
+    pub fn open_read_only(path: &Path) -> Result<Journal> {
+        if !Journal::exists(path) {
+            return Err(Error::Missing(path.to_path_buf()));
+        }
+        let mut opts = Options::default();
+        opts.set_info_logger(InfoLogger::new_callback_logger(LogLevel::Fatal, |_, _| {}));
+        // A writer that opens (recovering its predecessor's log into a table file) or
+        // flushes writes a manifest edit and then deletes the files it made obsolete. A
+        // read-only open that read the manifest before the edit and lists the files after
+        // the deletion would silently miss committed events, or fail to find a file. So a
+        // view is kept only if the manifest did not change while it was being opened.
+        let mut attempts = 0;
+        let db = loop {
+            attempts += 1;
+            let before = manifest_state(path);
+            match DB::open_cf_for_read_only(&opts, path, ALL_CFS, false) {
+                Ok(db) if before.is_some() && manifest_state(path) == before => break db,
+                Ok(_) if attempts < READ_ONLY_ATTEMPTS => {}
+                Ok(_) => {
+                    return Err(Error::Db {
+                        op: "open read-only",
+                        message: format!(
+                        "the journal's manifest kept changing while it was read ({attempts} tries)"
+                    ),
+                    })
+                }
+                Err(e) if attempts < READ_ONLY_ATTEMPTS => {
+                    // The same race, seen as a file that is gone; a real error stays.
+                    let _ = e;
+                }
+                Err(e) => return Err(db_err("open read-only")(e)),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10 * u64::from(attempts)));
         };
+        Journal::with_db(db, path, Mode::ReadOnly, None)
+    }
+
+    /// A journal with no events and no identity, read-only, for readers of a state
+    /// directory that has none yet. It lives in a private temporary directory (mode 0700,
+    /// under `$TMPDIR` or `/tmp`) that is removed when it is dropped.
+    pub fn empty() -> Result<Journal> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("domsnap-empty-journal-{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| Error::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        let scratch = Scratch(dir.clone());
+        let mut opts = writer_options(true);
+        opts.set_info_logger(InfoLogger::new_callback_logger(LogLevel::Fatal, |_, _| {}));
+        let db = DB::open_cf_descriptors(&opts, &dir, cf_descriptors()).map_err(db_err("open"))?;
+        let mut journal = Journal::with_db(db, &dir, Mode::ReadOnly, None)?;
+        journal._scratch = Some(scratch);
+        Ok(journal)
+    }
+
+    fn with_db(db: DB, path: &Path, mode: Mode, lock: Option<WriterLock>) -> Result<Journal> {
         let mut journal = Journal {
             db,
             path: path.to_path_buf(),
             mode,
+            identity: None,
             next_seq: 1,
+            _lock: lock,
+            _scratch: None,
         };
         journal.check_format()?;
-        journal.next_seq = journal.last_seq()? + 1;
+        journal.identity = journal.read_identity()?;
+        let first = journal.identity.map_or(1, |i| i.first_seq);
+        journal.next_seq = journal.last_seq()?.max(first - 1) + 1;
         Ok(journal)
+    }
+
+    fn read_identity(&self) -> Result<Option<JournalIdentity>> {
+        let meta = self.cf(CF_META)?;
+        self.db
+            .get_cf(meta, META_IDENTITY)
+            .map_err(db_err("read"))?
+            .map(|bytes| record::decode(&bytes, || "meta/identity".into()))
+            .transpose()
+    }
+
+    /// Closes the journal and hands back its writer lock (if it was opened for writing), so
+    /// the caller can keep others out while it moves the database.
+    pub fn close(mut self) -> Option<WriterLock> {
+        let lock = self._lock.take();
+        drop(self);
+        lock
+    }
+
+    /// Whose journal this is, and its first sequence number; `None` for a journal written
+    /// before journals recorded it (see [`Journal::set_identity`]).
+    pub fn identity(&self) -> Option<JournalIdentity> {
+        self.identity
+    }
+
+    /// Records the identity of a journal that has none yet (one written before journals
+    /// recorded it). Refused if it has one: a journal's identity never changes.
+    pub fn set_identity(&mut self, identity: JournalIdentity) -> Result<()> {
+        if self.mode != Mode::Primary {
+            return Err(Error::ReadOnly);
+        }
+        if let Some(had) = self.identity {
+            return Err(Error::Corruption {
+                what: "meta/identity".into(),
+                why: format!("the journal belongs to state {} already", had.state),
+            });
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(
+                self.cf(CF_META)?,
+                META_IDENTITY,
+                record::encode(&identity)?,
+                &wo,
+            )
+            .map_err(db_err("write"))?;
+        self.identity = Some(identity);
+        self.next_seq = self.next_seq.max(identity.first_seq);
+        Ok(())
     }
 
     fn check_format(&mut self) -> Result<()> {
         let meta = self.cf(CF_META)?;
-        match self.db.get_cf(meta, b"format").map_err(db_err("read"))? {
+        match self.db.get_cf(meta, META_FORMAT).map_err(db_err("read"))? {
             Some(bytes) => {
                 let found: u32 = record::decode(&bytes, || "meta/format".into())?;
                 if found != FORMAT {
@@ -339,7 +573,7 @@ impl Journal {
                 let mut opts = WriteOptions::default();
                 opts.set_sync(true);
                 self.db
-                    .put_cf_opt(meta, b"format", record::encode(&FORMAT)?, &opts)
+                    .put_cf_opt(meta, META_FORMAT, record::encode(&FORMAT)?, &opts)
                     .map_err(db_err("write"))?;
             }
             None => {}
@@ -663,13 +897,15 @@ impl Journal {
     pub fn verify(&self) -> Result<Vec<String>> {
         let events = self.events()?;
         let mut problems = Vec::new();
-        let mut expected_seq = 1;
+        let first = self.identity.map_or(1, |i| i.first_seq);
+        let mut expected_seq = first;
         for (seq, _) in &events {
             if *seq != expected_seq {
-                problems.push(format!(
-                    "event sequence jumps from {} to {seq}",
-                    expected_seq - 1
-                ));
+                problems.push(if expected_seq == first {
+                    format!("the first event has sequence {seq}, the journal starts at {first}")
+                } else {
+                    format!("event sequence jumps from {} to {seq}", expected_seq - 1)
+                });
             }
             expected_seq = seq + 1;
         }

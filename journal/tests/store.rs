@@ -51,7 +51,7 @@ fn events_projections_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let op;
     {
-        let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+        let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
         create(&mut j, "web01", "a", None);
         create(&mut j, "web01", "b", Some("a"));
         create(&mut j, "db", "x", None);
@@ -59,7 +59,7 @@ fn events_projections_and_reopen() {
         j.append(begun(op, "web01", "c")).unwrap();
         assert_eq!(j.open_ops().unwrap(), vec![op]);
     }
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     assert_eq!(j.next_seq(), op + 1, "sequence continues after reopen");
     let c = j.domain_catalog("web01").unwrap();
     assert_eq!(c.current.as_deref(), Some("b"));
@@ -81,7 +81,7 @@ fn events_projections_and_reopen() {
 #[test]
 fn recovery_forward_is_reported_as_rolled_forward() {
     let dir = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     let op = j.next_seq();
     j.append(begun(op, "d", "s")).unwrap();
     let mut batch = Batch::new();
@@ -105,7 +105,7 @@ fn recovery_forward_is_reported_as_rolled_forward() {
 #[test]
 fn verify_finds_a_tampered_catalog_and_rebuild_repairs_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     create(&mut j, "web01", "a", None);
     create(&mut j, "web01", "b", Some("a"));
     let mut bad = j.domain_catalog("web01").unwrap();
@@ -126,27 +126,27 @@ fn verify_finds_a_tampered_catalog_and_rebuild_repairs_it() {
 #[test]
 fn readers_work_beside_the_writer_and_a_second_writer_is_busy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     create(&mut j, "web01", "a", None);
-    let r = Journal::open(dir.path(), Mode::ReadOnly).unwrap();
+    let r = Journal::open(&dir.path().join("journal"), Mode::ReadOnly).unwrap();
     assert!(r
         .domain_catalog("web01")
         .unwrap()
         .snapshots
         .contains_key("a"));
     assert!(matches!(
-        Journal::open(dir.path(), Mode::Primary),
+        Journal::open(&dir.path().join("journal"), Mode::Primary),
         Err(Error::Busy(_))
     ));
     drop(r);
     drop(j);
-    Journal::open(dir.path(), Mode::Primary).unwrap();
+    Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
 }
 
 #[test]
 fn engine_tables_commit_with_events() {
     let dir = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     let op = j.next_seq();
     let mut batch = Batch::new();
     batch.event(begun(op, "d", "s"));
@@ -166,7 +166,7 @@ fn engine_tables_commit_with_events() {
 #[test]
 fn op_begun_must_carry_its_sequence() {
     let dir = tempfile::tempdir().unwrap();
-    let mut j = Journal::open(dir.path(), Mode::Primary).unwrap();
+    let mut j = Journal::open(&dir.path().join("journal"), Mode::Primary).unwrap();
     assert!(j.append(begun(99, "d", "s")).is_err());
     assert_eq!(j.last_seq().unwrap(), 0, "nothing written");
 }

@@ -34,11 +34,15 @@ impl Env {
 
     /// A state directory inside `parent` (for example a test file system's mount).
     pub fn new_in(parent: &Path) -> Env {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("ds-")
+            .tempdir_in(parent)
+            .unwrap();
+        // As an operator would make it (`verify` reports a state directory others can read).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         Env {
-            dir: tempfile::Builder::new()
-                .prefix("ds-")
-                .tempdir_in(parent)
-                .unwrap(),
+            dir,
             domains: Default::default(),
         }
     }

@@ -52,6 +52,7 @@ mod ingest;
 mod manifest;
 mod pack;
 mod read;
+mod reindex;
 pub mod v1;
 
 #[cfg(test)]
@@ -68,6 +69,7 @@ pub use error::{Error, Result};
 pub use gc::{GcReport, GC_OP};
 pub use ingest::{CaptureStats, Captured, Sealed};
 pub use read::{stage_limit, Staged};
+pub use reindex::{FoundImage, Rebuilt};
 
 /// The memory image store.
 #[derive(Debug)]

@@ -48,6 +48,11 @@ type GuestResult<T> = std::result::Result<T, String>;
 /// The domsnap binary calls this when its first argument is `__sim-guest`
 /// ([`GUEST_ARG`](super::GUEST_ARG)): `domsnap __sim-guest <state_dir> <name>`.
 pub fn guest_main(state_dir: &Path, name: &str) -> ! {
+    // Everything a guest creates (its socket, logs, memory) is private to its owner.
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     match run(state_dir, name) {
         Ok(never) => match never {},
         Err(e) => {
@@ -217,7 +222,7 @@ fn lock_pid_file(dir: &DomainDir) -> GuestResult<File> {
             .create(true)
             .truncate(false)
             .write(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| format!("open {}: {e}", path.display()))?;
         if !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| format!("lock pid: {e}"))? {

@@ -51,7 +51,7 @@ mod process;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -100,13 +100,37 @@ pub struct SimHost {
 }
 
 impl SimHost {
-    /// Opens (creating it if needed) the simulated host kept under `<state_dir>/sim/`.
+    /// Opens (creating it if needed, directories mode 0700) the simulated host kept under
+    /// `<state_dir>/sim/`.
     pub fn open(state_dir: &Path) -> Result<SimHost> {
         let domains = domains_dir(state_dir);
-        std::fs::create_dir_all(&domains).map_err(Error::io("create", &domains))?;
+        if !domains.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&domains)
+                .map_err(Error::io("create", &domains))?;
+        }
         let state_dir = state_dir
             .canonicalize()
             .map_err(Error::io("resolve", state_dir))?;
+        Ok(SimHost {
+            domains_dir: domains_dir(&state_dir),
+            state_dir,
+            guest_exe: None,
+            start_timeout: process::START_TIMEOUT,
+        })
+    }
+
+    /// Opens the simulated host of `state_dir` to look at it: nothing is created (a state
+    /// directory without a simulated host has no domains). Commands that change domains
+    /// create what they need as usual.
+    pub fn open_read_only(state_dir: &Path) -> Result<SimHost> {
+        let state_dir = match state_dir.canonicalize() {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => state_dir.to_path_buf(),
+            Err(e) => return Err(Error::io("resolve", state_dir)(e)),
+        };
         Ok(SimHost {
             domains_dir: domains_dir(&state_dir),
             state_dir,
@@ -463,7 +487,13 @@ fn write_config(dir: &DomainDir, config: &DomainConfig) -> Result<()> {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
-    let mut file = File::create(&tmp).map_err(Error::io("create", &tmp))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io("create", &tmp))?;
     file.write_all(&json).map_err(Error::io("write", &tmp))?;
     file.sync_all().map_err(Error::io("sync", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(Error::io("rename", &tmp))?;
@@ -472,7 +502,10 @@ fn write_config(dir: &DomainDir, config: &DomainConfig) -> Result<()> {
 
 /// Creates every file of a new domain in `dir` (which must not exist).
 fn build_domain_dir(dir: &DomainDir, config: &DomainConfig) -> Result<()> {
-    std::fs::create_dir(&dir.path).map_err(Error::io("create", &dir.path))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir.path)
+        .map_err(Error::io("create", &dir.path))?;
     let memory = dir.memory();
     let file = OpenOptions::new()
         .write(true)
@@ -496,8 +529,11 @@ impl Host for SimHost {
     }
 
     fn domains(&self) -> Result<Vec<DomainInfo>> {
-        let entries =
-            std::fs::read_dir(&self.domains_dir).map_err(Error::io("list", &self.domains_dir))?;
+        let entries = match std::fs::read_dir(&self.domains_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", &self.domains_dir)(e)),
+        };
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(Error::io("list", &self.domains_dir))?;

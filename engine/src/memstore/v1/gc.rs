@@ -51,7 +51,7 @@ impl MemStore {
     /// rewrites packs that are mostly dead. Commits its own index updates, one pack at a
     /// time: a replacement pack is synced before the commit that names it, an old pack is
     /// deleted only after the commit that stops naming it. Pack files named by nothing are
-    /// deleted, except `op-<op>.pack` of an operation still open (its recovery decides).
+    /// deleted only if they are gc's own or of an operation the journal ended.
     pub(crate) fn gc_v1(&self, journal: &mut Journal) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut packs: BTreeMap<u64, PackEntry> = BTreeMap::new();
@@ -61,7 +61,13 @@ impl MemStore {
         let open: BTreeSet<u64> = journal.open_ops()?.into_iter().collect();
         let mut removed_orphans = false;
         for (pack, path) in self.v1_pack_files()? {
-            if packs.contains_key(&pack) || (pack & GC_PACK == 0 && open.contains(&pack)) {
+            // Only what the journal accounts for: `op-<op>.pack` of an operation that ended
+            // (an ingest whose step never committed), or gc's own unnamed packs. A pack of
+            // an operation still open is its recovery's; one of an operation the journal
+            // does not know is left for `verify` to report.
+            let released = pack & GC_PACK != 0
+                || (!open.contains(&pack) && journal.op(pack)?.is_some_and(|o| o.ended.is_some()));
+            if packs.contains_key(&pack) || !released {
                 continue;
             }
             let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
