@@ -514,8 +514,27 @@ fn settle(world: &mut World, action: &Action, ran: &Ran) -> Result<(), String> {
                     m.snaps.remove(n);
                 }
             }
-            // A `domain` command is an operation too; what it did is accounted for below.
-            (k, Action::Domain { dom: d, verb, .. }) if *d == dom && k == *verb => {}
+            // A `domain` command is an operation too; what it did is accounted for below,
+            // but for a start that took effect across a power cut: done before the power
+            // went, the domain is shut off with everything else; finished by recovery
+            // afterwards (it is rolled forward), its boot runs.
+            (
+                k,
+                Action::Domain {
+                    dom: d,
+                    verb,
+                    paused,
+                },
+            ) if *d == dom && k == *verb => {
+                if cut && *verb == "start" {
+                    let m = world.dom_mut(&dom);
+                    m.state.insert(if *paused {
+                        State::Paused
+                    } else {
+                        State::Running
+                    });
+                }
+            }
             _ => {
                 return Err(format!(
                     "operation {id} ({kind} {dom}/{snap}) matches no request"
