@@ -211,7 +211,19 @@ impl Engine {
             });
         }
         self.journal.commit(batch)?;
-        self.raise_high_water(begun.op)?;
+        if let Err(e) = self.raise_high_water(begun.op) {
+            // Nothing was done yet: end it at once, so no command has to recover it.
+            let reason = format!("the stores' high-water mark: {}", error_chain(&e));
+            self.end(
+                Event::OpRolledBack {
+                    op: begun.op,
+                    at: journal::now_millis(),
+                    reason,
+                },
+                Batch::new(),
+            )?;
+            return Err(e);
+        }
         crash_point(&Failpoint::after_begin(new.kind));
         Ok(OpRecord {
             begun,
