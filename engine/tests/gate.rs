@@ -22,6 +22,12 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
+        // As the domsnap binary does at start: RocksDB creates the journal's files with the
+        // process's umask, and `verify` reports files others may read.
+        // SAFETY: umask only sets the process's file mode creation mask.
+        unsafe {
+            libc::umask(0o077);
+        }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("disks")).unwrap();
         let host = Arc::new(FakeHost::new(&dir.path().join("disks")));
