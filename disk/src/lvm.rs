@@ -144,26 +144,9 @@ impl Lvm {
         parse_report(&self.run(&args)?)
     }
 
-    /// The logical volume that block device `path` is (followed through symbolic links, as
-    /// `/dev/vg/lv` and `/dev/mapper/vg-lv` are); `None` if it is no active LV.
+    /// The logical volume that block device `path` is (see [`find_device`]).
     pub fn volume_of_device(&self, path: &Path) -> Result<Option<Volume>> {
-        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
-            op: "stat",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if !meta.file_type().is_block_device() {
-            return Ok(None);
-        }
-        let rdev = meta.rdev();
-        let dev = (
-            nix::sys::stat::major(rdev) as u32,
-            nix::sys::stat::minor(rdev) as u32,
-        );
-        Ok(self
-            .volumes(None)?
-            .into_iter()
-            .find(|v| v.device == Some(dev)))
+        find_device(&self.volumes(None)?, path)
     }
 
     /// The thin volume `vg/name`, ready for snapshots; [`Error::NotThin`] for any other kind
@@ -188,6 +171,26 @@ impl Lvm {
             name: name.to_string(),
         })
     }
+}
+
+/// The volume among `volumes` that block device `path` is (followed through symbolic links,
+/// as `/dev/vg/lv` and `/dev/mapper/vg-lv` are), by device number; `None` if `path` is no
+/// block device or no active LV.
+pub fn find_device(volumes: &[Volume], path: &Path) -> Result<Option<Volume>> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+        op: "stat",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Ok(None);
+    }
+    let rdev = meta.rdev();
+    let dev = (
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    );
+    Ok(volumes.iter().find(|v| v.device == Some(dev)).cloned())
 }
 
 /// Parses `lvs --reportformat json` output.
@@ -440,5 +443,7 @@ impl Backend for ThinVolume {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;

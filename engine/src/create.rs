@@ -423,14 +423,8 @@ impl Engine {
                 req.domain
             )));
         }
-        if let Some(d) = info.disks.iter().find(|d| d.format != "qcow2") {
-            return Err(Error::Refused(format!(
-                "disk {} of domain {:?} is {} ({}); domsnap snapshots qcow2 disks only",
-                d.target,
-                req.domain,
-                d.format,
-                d.path.display()
-            )));
+        if let Some(why) = info.snapshot_refusal(req.external) {
+            return Err(Error::Refused(format!("{why}. Nothing was changed.")));
         }
         let state = info.state;
         let disk_only = req.disk_only || state == RunState::Shutoff;

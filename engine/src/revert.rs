@@ -47,11 +47,27 @@ impl Engine {
             ));
         }
         for d in &snap.disks {
-            if info.disk(&d.target).is_none() {
+            let Some(now) = info.disk(&d.target) else {
                 return Err(Error::Refused(format!(
                     "snapshot {:?} has disk {} but domain {:?} no longer does",
                     req.name, d.target, req.domain
                 )));
+            };
+            // An internal snapshot lives in the disk's own storage: a disk now on another
+            // image or volume (or of another kind) does not have it, whatever it is called.
+            if !d.external && now.path.display().to_string() != d.path {
+                return Err(Error::Refused(format!(
+                    "disk {} of domain {:?} is {} now, but snapshot {:?} was taken of {}; \
+                     nothing was changed",
+                    d.target,
+                    req.domain,
+                    now.path.display(),
+                    req.name,
+                    d.path
+                )));
+            }
+            if let Some(why) = now.snapshot_refusal(&req.domain, d.external) {
+                return Err(Error::Refused(format!("{why}; nothing was changed")));
             }
             if d.external {
                 if !Path::new(&d.path).exists() {

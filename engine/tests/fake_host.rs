@@ -12,7 +12,7 @@ use engine::{
 };
 use journal::Outcome;
 use xen::sim::{FakeHost, FakeOp};
-use xen::{Host, RunState};
+use xen::{DiskKind, Host, RunState};
 
 struct Lab {
     dir: tempfile::TempDir,
@@ -199,4 +199,81 @@ fn a_failing_delete_is_finished_by_recovery() {
     assert_eq!(lab.host.disk_snapshots("vm", "xvda").unwrap().len(), 1);
     let report = engine.verify(None, true).unwrap();
     assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn disks_that_cannot_be_snapshotted_are_refused_before_anything_changes() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.destroy("vm").unwrap();
+    let xvdb = lab.host.domain("vm").unwrap().disks[1].path.clone();
+    let raw = DiskKind::Unsupported {
+        reason: "a raw image file: raw files have no snapshots".into(),
+    };
+    lab.host.set_disk("vm", "xvdb", xvdb.clone(), raw).unwrap();
+    let err = engine.create(&create("s")).unwrap_err();
+    assert!(matches!(err, engine::Error::Refused(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("xvdb") && text.contains("raw image file"),
+        "{text}"
+    );
+    assert!(engine
+        .history(&HistoryFilter::default())
+        .unwrap()
+        .is_empty());
+    assert!(lab.host.disk_snapshots("vm", "xvda").unwrap().is_empty());
+    // an LVM thin disk takes internal snapshots, but no external ones
+    lab.host
+        .set_disk("vm", "xvdb", xvdb.clone(), DiskKind::LvmThin)
+        .unwrap();
+    let err = engine
+        .create(&CreateRequest {
+            external: true,
+            ..create("e")
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("LVM thin volume"), "{err}");
+    assert!(engine
+        .history(&HistoryFilter::default())
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn revert_refuses_a_disk_moved_since_the_snapshot_and_changes_nothing() {
+    let lab = Lab::new();
+    let mut engine = lab.engine();
+    lab.host.step("vm", 3).unwrap();
+    engine.create(&create("s")).unwrap();
+    lab.host.step("vm", 2).unwrap();
+    lab.host.destroy("vm").unwrap();
+    let xvdb = lab.host.domain("vm").unwrap().disks[1].path.clone();
+    let moved = xvdb.with_file_name("moved.qcow2");
+    std::fs::copy(&xvdb, &moved).unwrap();
+    lab.host
+        .set_disk("vm", "xvdb", moved.clone(), DiskKind::Qcow2)
+        .unwrap();
+    lab.host.start("vm", false).unwrap();
+    let ops = engine.history(&HistoryFilter::default()).unwrap().len();
+    let err = engine.revert(&revert("s")).unwrap_err();
+    assert!(matches!(err, engine::Error::Refused(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("xvdb") && text.contains("moved.qcow2"),
+        "{text}"
+    );
+    assert_eq!(
+        engine.history(&HistoryFilter::default()).unwrap().len(),
+        ops
+    );
+    assert_eq!(lab.state(), RunState::Running);
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 5);
+    // back on its image: the revert goes through
+    lab.host.destroy("vm").unwrap();
+    lab.host
+        .set_disk("vm", "xvdb", xvdb, DiskKind::Qcow2)
+        .unwrap();
+    engine.revert(&revert("s")).unwrap();
+    assert_eq!(lab.host.memory_counter("vm").unwrap(), 3);
 }

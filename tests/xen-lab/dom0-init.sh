@@ -5,9 +5,13 @@ export PATH=/usr/lib/xen-4.17/bin:/usr/bin:/usr/sbin:/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+# what udev would make: the disk hotplug script's lock stats /dev/stdin
+ln -s /proc/self/fd /dev/fd; ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
 mkdir -p /run/xen /run/xenstored /var/log/xen/console
 echo "DOM0-INIT: uptime $(cut -d' ' -f1 /proc/uptime)"
-for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-blkback; do insmod /modules/$m.ko || echo "insmod $m failed"; done
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-blkback \
+         crc32c_generic libcrc32c dm-mod dm-bufio dm-bio-prison dm-persistent-data dm-thin-pool dm-snapshot loop; do
+  insmod /modules/$m.ko || echo "insmod $m failed"; done
 mount -t xenfs xenfs /proc/xen
 xenstored --pid-file /run/xenstored.pid
 for i in 1 2 3 4 5 6 7 8 9 10; do xenstore-read -s / >/dev/null 2>&1 && break; sleep 1; done

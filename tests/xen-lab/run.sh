@@ -4,7 +4,8 @@
 #   DOMSNAP_BIN=path/to/domsnap tests/xen-lab/run.sh
 # Env: XEN_LAB_DIR (default /tmp/domsnap-xen-lab), TIMEOUT (seconds for the boot, default 1140),
 #      SKIP_CRASH=1 (domsnap built without the failpoints feature), FAILPOINT (the engine's
-#      failpoint between `xl save -p` and the disk snapshots), ACCEL, SMP, MEM.
+#      failpoint between `xl save -p` and the disk snapshots), PARTS (the parts of dom0-test.sh
+#      to run), ACCEL, SMP, MEM.
 # Exit: 0 all checks passed, 1 a check failed or the run did not finish, 3 this host cannot
 # run the lab (reason on stderr).
 set -uo pipefail
@@ -18,6 +19,7 @@ T0=$(date +%s)
 SHARE=$XEN_LAB_DIR/share; mkdir -p "$SHARE"; rm -f "$SHARE/results.txt" "$SHARE/test.sh" "$SHARE/test.env"
 [ "${SKIP_CRASH:-0}" = 1 ] && echo "SKIP_CRASH=1" >> "$SHARE/test.env"
 [ -n "${FAILPOINT:-}" ] && echo "FP=$FAILPOINT" >> "$SHARE/test.env"
+[ -n "${PARTS:-}" ] && echo "PARTS='$PARTS'" >> "$SHARE/test.env"
 echo "xen-lab: booting Xen under QEMU (${ACCEL:-tcg}); serial log $XEN_LAB_DIR/serial.log"
 TIMEOUT=${TIMEOUT:-1140} "$HERE/run-qemu.sh"; qrc=$?
 T1=$(date +%s)

@@ -9,6 +9,7 @@
 //! xenhost-smoke STATE_DIR snaps DOMAIN TARGET
 //! xenhost-smoke STATE_DIR snap|delsnap|apply DOMAIN TARGET TAG
 //! xenhost-smoke STATE_DIR contract DOMAIN [CHECK...]   # Host contract checks; DOMAIN shut off
+//! xenhost-smoke STATE_DIR qmp DOMID COMMAND [ARGUMENTS_JSON]   # one QMP command, its answer
 //! ```
 
 use std::fs::File;
@@ -48,6 +49,14 @@ fn run(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
             .map(String::as_str)
             .ok_or_else(|| "missing argument (see the source)".into())
     };
+    if arg(1)? == "qmp" {
+        let domid: u32 = arg(2)?.parse()?;
+        let arguments = match args.get(4) {
+            Some(a) => Some(serde_json::from_str(a)?),
+            None => None,
+        };
+        return Ok(xen::xenhost::qmp_command(domid, arg(3)?, arguments)?.to_string());
+    }
     let host = XenHost::open(Path::new(arg(0)?))?;
     let dom = || arg(2);
     Ok(match arg(1)? {

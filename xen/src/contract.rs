@@ -1,7 +1,8 @@
 //! The contract every [`Host`] implementation keeps, as a reusable test suite.
 //!
 //! Each check takes a host and the name of a domain that exists, is shut off, and has at
-//! least one qcow2 disk, and leaves it shut off again. Checks panic (like `assert!`) when the
+//! least one disk, every disk a qcow2 image or an LVM thin volume, and leaves it shut off
+//! again. The disk checks run on every disk. Checks panic (like `assert!`) when the
 //! host breaks the contract; they are meant to be called from tests:
 //!
 //! ```ignore
@@ -16,7 +17,7 @@ use std::io::Cursor;
 use std::path::Path;
 use std::process::Command;
 
-use crate::{Error, Host, RunState};
+use crate::{DiskKind, Error, Host, RunState};
 
 /// Runs every check of the contract, in order, on domain `name` of `host`.
 pub fn run_all(host: &dyn Host, name: &str) {
@@ -40,14 +41,98 @@ fn ok<T>(what: &str, r: crate::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
-fn first_disk(host: &dyn Host, name: &str) -> (String, std::path::PathBuf) {
+/// Every disk of the domain: target, path, kind.
+fn all_disks(host: &dyn Host, name: &str) -> Vec<(String, std::path::PathBuf, DiskKind)> {
     let info = ok("domain", host.domain(name));
-    let disk = info
-        .disks
-        .first()
-        .unwrap_or_else(|| panic!("the contract needs a domain with a disk; {name} has none"));
-    assert_eq!(disk.format, "qcow2", "the contract needs a qcow2 disk");
-    (disk.target.clone(), disk.path.clone())
+    assert!(
+        !info.disks.is_empty(),
+        "the contract needs a domain with a disk; {name} has none"
+    );
+    info.disks
+        .iter()
+        .map(|d| {
+            assert!(
+                matches!(d.kind, DiskKind::Qcow2 | DiskKind::LvmThin),
+                "the contract needs qcow2 or LVM thin disks; {} is {:?}",
+                d.target,
+                d.kind
+            );
+            (d.target.clone(), d.path.clone(), d.kind.clone())
+        })
+        .collect()
+}
+
+fn first_disk(host: &dyn Host, name: &str) -> (String, std::path::PathBuf) {
+    let (target, path, kind) = all_disks(host, name).remove(0);
+    assert_eq!(
+        kind,
+        DiskKind::Qcow2,
+        "external snapshots need a qcow2 first disk"
+    );
+    (target, path)
+}
+
+/// The image check of a disk: `qemu-img check` for qcow2 (leaks allowed after a killed
+/// device model if `leaks`), nothing for an LVM volume (LVM keeps its own metadata).
+fn check_image(path: &Path, kind: &DiskKind, leaks: bool) {
+    match (kind, leaks) {
+        (DiskKind::Qcow2, false) => qemu_img_check(path),
+        (DiskKind::Qcow2, true) => qemu_img_check_allow_leaks(path),
+        _ => {}
+    }
+}
+
+/// Writes `data` at `offset` of a disk of either kind (its domain shut off), durably.
+fn write_any(path: &Path, kind: &DiskKind, offset: u64, data: &[u8]) {
+    match kind {
+        DiskKind::Qcow2 => {
+            let file = std::env::temp_dir().join(format!("contract-{}.bin", std::process::id()));
+            std::fs::write(&file, data).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+            let out = Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c"])
+                .arg(format!(
+                    "write -s {} {offset} {}",
+                    file.display(),
+                    data.len()
+                ))
+                .arg(path)
+                .output()
+                .unwrap_or_else(|e| panic!("run qemu-io: {e}"));
+            let _ = std::fs::remove_file(&file);
+            assert!(
+                out.status.success(),
+                "qemu-io write {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        _ => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            f.write_all_at(data, offset)
+                .and_then(|()| f.sync_all())
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+    }
+}
+
+/// The first `len` bytes at `offset` of a disk of either kind (see [`read_disk`]).
+fn read_any(path: &Path, kind: &DiskKind, offset: u64, len: usize) -> Vec<u8> {
+    match kind {
+        DiskKind::Qcow2 => read_disk(path, offset, len),
+        _ => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, offset)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            buf
+        }
+    }
 }
 
 /// `domains` lists the domain; `domain` finds it shut off; unknown names are refused.
@@ -163,87 +248,99 @@ pub fn restore_refuses_bad_streams(host: &dyn Host, name: &str) {
 }
 
 /// Disk snapshots of a shut-off domain: create and delete are idempotent, apply of an
-/// unknown tag fails, the image stays clean.
+/// unknown tag fails, the image stays clean. On every disk.
 pub fn disk_snapshots_offline(host: &dyn Host, name: &str) {
-    let (target, path) = first_disk(host, name);
-    let tag = "contract-offline";
-    ok("create", host.create_disk_snapshot(name, &target, tag));
-    ok(
-        "create again",
-        host.create_disk_snapshot(name, &target, tag),
-    );
-    let tags = ok("list", host.disk_snapshots(name, &target));
-    assert_eq!(tags.iter().filter(|t| *t == tag).count(), 1, "{tags:?}");
-    ok("apply", host.apply_disk_snapshot(name, &target, tag));
-    ok("apply again", host.apply_disk_snapshot(name, &target, tag));
-    ok("delete", host.delete_disk_snapshot(name, &target, tag));
-    ok(
-        "delete again",
-        host.delete_disk_snapshot(name, &target, tag),
-    );
-    assert!(!ok("list", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+    for (target, path, kind) in all_disks(host, name) {
+        let tag = "contract-offline";
+        ok("create", host.create_disk_snapshot(name, &target, tag));
+        ok(
+            "create again",
+            host.create_disk_snapshot(name, &target, tag),
+        );
+        let tags = ok("list", host.disk_snapshots(name, &target));
+        assert_eq!(tags.iter().filter(|t| *t == tag).count(), 1, "{tags:?}");
+        ok("apply", host.apply_disk_snapshot(name, &target, tag));
+        ok("apply again", host.apply_disk_snapshot(name, &target, tag));
+        ok("delete", host.delete_disk_snapshot(name, &target, tag));
+        ok(
+            "delete again",
+            host.delete_disk_snapshot(name, &target, tag),
+        );
+        assert!(!ok("list", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+        assert!(host
+            .apply_disk_snapshot(name, &target, "contract-never-taken")
+            .is_err());
+        check_image(&path, &kind, false);
+    }
     assert!(host
-        .apply_disk_snapshot(name, &target, "contract-never-taken")
+        .create_disk_snapshot(name, "no-such-disk", "contract-offline")
         .is_err());
-    assert!(host
-        .create_disk_snapshot(name, "no-such-disk", tag)
-        .is_err());
-    qemu_img_check(&path);
 }
 
-/// Disk snapshots of an active domain go through the device model; apply is refused.
+/// Disk snapshots of an active domain (through the device model for qcow2); apply is
+/// refused. On every disk.
 pub fn disk_snapshots_online(host: &dyn Host, name: &str) {
-    let (target, path) = first_disk(host, name);
-    let tag = "contract-online";
+    let disks = all_disks(host, name);
     ok("start", host.start(name, false));
-    ok(
-        "create (running)",
-        host.create_disk_snapshot(name, &target, tag),
-    );
-    ok(
-        "create again",
-        host.create_disk_snapshot(name, &target, tag),
-    );
-    assert!(ok("list (running)", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
-    assert!(
-        matches!(
-            host.apply_disk_snapshot(name, &target, tag),
-            Err(Error::WrongState { .. })
-        ),
-        "apply while running"
-    );
-    assert_eq!(state(host, name), RunState::Running);
+    for (target, _, _) in &disks {
+        let tag = "contract-online";
+        ok(
+            "create (running)",
+            host.create_disk_snapshot(name, target, tag),
+        );
+        ok("create again", host.create_disk_snapshot(name, target, tag));
+        assert!(ok("list (running)", host.disk_snapshots(name, target)).contains(&tag.to_owned()));
+        assert!(
+            matches!(
+                host.apply_disk_snapshot(name, target, tag),
+                Err(Error::WrongState { .. })
+            ),
+            "apply while running"
+        );
+        assert_eq!(state(host, name), RunState::Running);
+    }
     ok("pause", host.pause(name));
-    ok(
-        "delete (paused)",
-        host.delete_disk_snapshot(name, &target, tag),
-    );
-    ok(
-        "delete again",
-        host.delete_disk_snapshot(name, &target, tag),
-    );
-    assert!(!ok("list", host.disk_snapshots(name, &target)).contains(&tag.to_owned()));
+    for (target, _, _) in &disks {
+        let tag = "contract-online";
+        ok(
+            "delete (paused)",
+            host.delete_disk_snapshot(name, target, tag),
+        );
+        ok("delete again", host.delete_disk_snapshot(name, target, tag));
+        assert!(!ok("list", host.disk_snapshots(name, target)).contains(&tag.to_owned()));
+    }
     ok("unpause", host.unpause(name));
     ok("destroy", host.destroy(name));
-    qemu_img_check_allow_leaks(&path);
+    for (_, path, kind) in &disks {
+        check_image(path, kind, true);
+    }
 }
 
-/// Applying a snapshot brings back the disk content it was taken with (the first MiB).
+/// Applying a snapshot brings back the disk content it was taken with (the first MiB),
+/// after that content was overwritten. On every disk.
 pub fn apply_disk_snapshot_reverts(host: &dyn Host, name: &str) {
-    let (target, path) = first_disk(host, name);
+    let disks = all_disks(host, name);
     let tag = "contract-revert";
-    ok("create", host.create_disk_snapshot(name, &target, tag));
-    let before = read_disk(&path, 0, 1 << 20);
-    ok("start", host.start(name, false));
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    ok("destroy", host.destroy(name));
-    ok("apply", host.apply_disk_snapshot(name, &target, tag));
-    assert!(
-        read_disk(&path, 0, 1 << 20) == before,
-        "{target} differs from snapshot {tag} after apply"
-    );
-    ok("delete", host.delete_disk_snapshot(name, &target, tag));
-    qemu_img_check_allow_leaks(&path);
+    let mut before = Vec::new();
+    for (target, path, kind) in &disks {
+        ok("create", host.create_disk_snapshot(name, target, tag));
+        let data = read_any(path, kind, 0, 1 << 20);
+        write_any(path, kind, 0, &[0x5a; 65536]);
+        assert!(
+            read_any(path, kind, 0, 1 << 20) != data,
+            "{target}: the overwrite did not change the disk"
+        );
+        before.push(data);
+    }
+    for ((target, path, kind), before) in disks.iter().zip(before) {
+        ok("apply", host.apply_disk_snapshot(name, target, tag));
+        assert!(
+            read_any(path, kind, 0, 1 << 20) == before,
+            "{target} differs from snapshot {tag} after apply"
+        );
+        ok("delete", host.delete_disk_snapshot(name, target, tag));
+        check_image(path, kind, true);
+    }
 }
 
 /// External snapshots (not part of [`run_all`]: only for hosts that implement them).

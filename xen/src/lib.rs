@@ -3,7 +3,8 @@
 //! [`Host`] is the one boundary through which domsnap touches a domain: its run state, its
 //! memory (as a byte stream, the way `xl save -p` writes it) and its disks (qcow2 images whose
 //! internal snapshots are taken through the device model while the domain is active, and
-//! directly on the image while it is shut off).
+//! directly on the image while it is shut off; LVM thin volumes, whose thin snapshots are
+//! taken by LVM in every state). What stores a disk is its [`DiskKind`].
 //!
 //! Implementations:
 //! - [`sim::SimHost`]: a simulated Xen host kept in a state directory (the default).
@@ -60,8 +61,52 @@ pub struct DiskInfo {
     pub target: String,
     /// The image file on the host.
     pub path: PathBuf,
-    /// Image format; domsnap snapshots `qcow2` images.
+    /// Image format as the configuration names it (`qcow2`, `raw`, …).
     pub format: String,
+    /// How the disk's snapshots are kept, decided by the host from the domain's
+    /// configuration; [`DiskKind::Unsupported`] says why domsnap cannot snapshot it.
+    #[serde(default)]
+    pub kind: DiskKind,
+}
+
+/// What stores a disk, as far as snapshots are concerned: one backend per kind (see
+/// `disk::Backend`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum DiskKind {
+    /// A qcow2 image file: internal snapshots in its snapshot table, or external ones
+    /// (overlays).
+    #[default]
+    Qcow2,
+    /// An LVM thin volume (a `phy:` disk on blkback): thin snapshots.
+    LvmThin,
+    /// Storage domsnap cannot snapshot.
+    Unsupported {
+        /// What it is and why it is refused, e.g. "a raw image file: raw files have no
+        /// snapshots".
+        reason: String,
+    },
+}
+
+impl DiskInfo {
+    /// Why this disk cannot take part in a snapshot (an external one if `external`), in a
+    /// sentence naming the disk; `None` if it can.
+    pub fn snapshot_refusal(&self, domain: &str, external: bool) -> Option<String> {
+        let what = format!(
+            "disk {} of domain {domain:?} ({})",
+            self.target,
+            self.path.display()
+        );
+        match &self.kind {
+            DiskKind::Qcow2 => None,
+            DiskKind::LvmThin if external => Some(format!(
+                "{what} is an LVM thin volume: external snapshots are qcow2 overlays; take \
+                 internal snapshots of this domain (without --external)"
+            )),
+            DiskKind::LvmThin => None,
+            DiskKind::Unsupported { reason } => Some(format!("{what} is {reason}")),
+        }
+    }
 }
 
 /// What a host knows about one domain.
@@ -88,6 +133,14 @@ impl DomainInfo {
     /// The disk with guest device name `target`.
     pub fn disk(&self, target: &str) -> Option<&DiskInfo> {
         self.disks.iter().find(|d| d.target == target)
+    }
+
+    /// Why the domain's disks cannot be snapshotted together (externally if `external`),
+    /// naming the first disk that cannot; `None` if every disk can.
+    pub fn snapshot_refusal(&self, external: bool) -> Option<String> {
+        self.disks
+            .iter()
+            .find_map(|d| d.snapshot_refusal(&self.name, external))
     }
 }
 

@@ -177,6 +177,7 @@ impl DomainConfig {
                 target: d.target.clone(),
                 path: dir.path.join(d.file_name()),
                 format: "qcow2".to_owned(),
+                kind: crate::DiskKind::Qcow2,
             })
             .collect()
     }

@@ -115,6 +115,7 @@ impl FakeHost {
                 target: config.target,
                 path,
                 format: "qcow2".to_owned(),
+                kind: crate::DiskKind::Qcow2,
             });
         }
         inner.domains.insert(
@@ -129,6 +130,30 @@ impl FakeHost {
         );
         drop(inner);
         self.domain(name)
+    }
+
+    /// Puts disk `target` of a shut-off domain on another image or another kind of storage,
+    /// as an operator editing the domain's configuration would.
+    pub fn set_disk(
+        &self,
+        name: &str,
+        target: &str,
+        path: PathBuf,
+        kind: crate::DiskKind,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        let domain = domain_mut(&mut inner, name)?;
+        let disk = domain
+            .disks
+            .iter_mut()
+            .find(|d| d.target == target)
+            .ok_or_else(|| Error::NoSuchDisk {
+                domain: name.to_owned(),
+                target: target.to_owned(),
+            })?;
+        disk.path = path;
+        disk.kind = kind;
+        Ok(())
     }
 
     /// Makes the next `times` calls of `op` fail (with [`Error::DeviceModel`]) before doing

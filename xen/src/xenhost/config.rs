@@ -4,7 +4,8 @@
 //!
 //! File layout (JSON, written to a temporary file, synced, renamed, directory synced):
 //! `{"magic": "domsnap-xen-domain", "version": 1, "name": .., "last_domid": .., "config": <libxl
-//! domain config as `xl list -l` prints it>}`. The xl configuration file that `start` boots
+//! domain config as `xl list -l` prints it, with the disk images domsnap moved them to>,
+//! "switch": <a disk switch to an overlay in progress, if any>}`. The xl configuration file that `start` boots
 //! from is generated from `config` ([`render_xl_cfg`]).
 
 use std::fs;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{DiskInfo, Error, Result};
+use crate::{DiskInfo, DiskKind, Error, Result};
 
 const MAGIC: &str = "domsnap-xen-domain";
 const VERSION: u32 = 1;
@@ -68,24 +69,72 @@ pub(crate) fn memory_bytes(config: &Value) -> u64 {
     b("target_memkb").or_else(|| b("max_memkb")).unwrap_or(0) * 1024
 }
 
+/// One disk of a libxl configuration, with what decides how it is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConfigDisk {
+    /// Target, path and format (its `kind` still to be decided by the host).
+    pub info: DiskInfo,
+    /// `backend`: `qdisk`, `phy`, `tap`, … (`unknown` when libxl chose none yet).
+    pub backend: String,
+    /// A hotplug script reaching the storage (iSCSI, DRBD, …), if any.
+    pub script: Option<String>,
+}
+
 /// The domain's disks (cdroms left out), in configuration order.
-pub(crate) fn disks(config: &Value) -> Vec<DiskInfo> {
+pub(crate) fn disks(config: &Value) -> Vec<ConfigDisk> {
     let Some(list) = config.get("disks").and_then(Value::as_array) else {
         return Vec::new();
     };
     list.iter()
         .filter(|d| d.get("is_cdrom").and_then(Value::as_u64).unwrap_or(0) == 0)
         .filter_map(|d| {
-            let vdev = d.get("vdev")?.as_str()?;
-            let path = d.get("pdev_path")?.as_str()?;
-            let format = d.get("format").and_then(Value::as_str).unwrap_or("raw");
-            Some(DiskInfo {
-                target: vdev.to_string(),
-                path: PathBuf::from(path),
-                format: format.to_string(),
+            let s = |k: &str| d.get(k).and_then(Value::as_str);
+            let vdev = s("vdev")?;
+            let path = s("pdev_path")?;
+            Some(ConfigDisk {
+                info: DiskInfo {
+                    target: vdev.to_string(),
+                    path: PathBuf::from(path),
+                    format: s("format").unwrap_or("raw").to_string(),
+                    kind: DiskKind::default(),
+                },
+                backend: s("backend").unwrap_or("unknown").to_string(),
+                script: s("script").filter(|x| !x.is_empty()).map(str::to_string),
             })
         })
         .collect()
+}
+
+/// Makes `path` the image of disk `target` in `config`; false if it has no such disk.
+pub(crate) fn set_disk_path(config: &mut Value, target: &str, path: &Path) -> bool {
+    let Some(list) = config.get_mut("disks").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    for d in list {
+        if d.get("vdev").and_then(Value::as_str) == Some(target) {
+            d["pdev_path"] = Value::String(path.to_string_lossy().into_owned());
+            return true;
+        }
+    }
+    false
+}
+
+/// The domain's UUID (`c_info.uuid`), the handle Xen knows it by.
+pub(crate) fn uuid(config: &Value) -> Option<[u8; 16]> {
+    parse_uuid(config.pointer("/c_info/uuid")?.as_str()?)
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` as 16 bytes.
+pub(crate) fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 || text.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// What is kept on disk for one domain.
@@ -97,6 +146,18 @@ pub(crate) struct Saved {
     /// The id it had when last seen active (to wait for its device model).
     pub last_domid: Option<u32>,
     pub config: Value,
+    /// A disk of the active domain being switched to an overlay (external snapshot), until
+    /// the switch is known to be done or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<Switch>,
+}
+
+/// Disk `target` of an active domain goes from image `from` to overlay `to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Switch {
+    pub target: String,
+    pub from: PathBuf,
+    pub to: PathBuf,
 }
 
 impl Saved {
@@ -107,6 +168,7 @@ impl Saved {
             name: name.into(),
             last_domid: Some(domid),
             config,
+            switch: None,
         }
     }
 }

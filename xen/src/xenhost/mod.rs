@@ -15,9 +15,12 @@
 //! directories for the memory FIFOs, removed after each operation).
 
 mod config;
+mod disks;
+mod domains;
+mod external;
 mod fifo;
-mod offline;
 mod qmp;
+mod stream;
 mod xc;
 mod xl;
 
@@ -26,15 +29,16 @@ mod tests;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::{DiskInfo, DomainInfo, Error, Host, Result, RunState};
+use crate::{DomainInfo, Error, Host, Result, RunState};
 use config::{Saved, Store};
+use disks::Storage;
+use domains::{Active, Known};
 use fifo::StreamError;
 use qmp::SnapshotOp;
-use xc::{Xc, XcDomain};
+use xc::Xc;
 use xl::{ScratchFiles, Tools};
 
 /// How long `xl` commands that do not move memory may take.
@@ -53,14 +57,11 @@ pub struct XenHost {
     tools: Tools,
     store: Store,
     tmp: PathBuf,
-}
-
-/// An active domain.
-#[derive(Debug, Clone)]
-struct Active {
-    domid: u32,
-    info: XcDomain,
-    config: Value,
+    lvm: disk::lvm::Lvm,
+    /// Domains seen by this process (see [`domains`]).
+    known: Mutex<Known>,
+    /// The last `lvm` report, until a volume changes.
+    lvs: Mutex<Option<Vec<disk::lvm::Volume>>>,
 }
 
 impl XenHost {
@@ -83,9 +84,12 @@ impl XenHost {
         std::fs::create_dir_all(&tmp).map_err(Error::io("create directory", &tmp))?;
         let host = XenHost {
             xc,
+            lvm: disk::lvm::Lvm::new(&tools.lvm),
             tools,
             store,
             tmp,
+            known: Mutex::new(Known::default()),
+            lvs: Mutex::new(None),
         };
         host.remove_stale_scratch();
         Ok(host)
@@ -112,45 +116,6 @@ impl XenHost {
         }
     }
 
-    /// Every active domain (not Domain-0) with its configuration.
-    fn listed(&self) -> Result<Vec<config::Listed>> {
-        // `xl list -l` exits 1 when one domain's configuration cannot be read (e.g. one being
-        // built or torn down right now) but still prints the others.
-        let (status, out, stderr) = self.tools.run_status(&["list", "-l"], XL_SHORT)?;
-        if out.trim().is_empty() {
-            return match status.success() {
-                true => Ok(Vec::new()),
-                false => Err(xl::toolstack(&["list", "-l"], status, &stderr)),
-            };
-        }
-        config::parse_list(&out)
-    }
-
-    /// The active domain `name`, if it is, with its configuration recorded in the store.
-    fn active(&self, name: &str) -> Result<Option<Active>> {
-        config::check_name(name)?;
-        let Some(listed) = self.listed()?.into_iter().find(|l| l.name == name) else {
-            return Ok(None);
-        };
-        let Some(info) = self
-            .xc
-            .domain(listed.domid)
-            .map_err(xc_err(name, "getinfolist"))?
-        else {
-            return Ok(None);
-        };
-        if info.run_state() == RunState::Shutoff {
-            return Ok(None);
-        }
-        self.store
-            .save(&Saved::new(name, listed.domid, listed.config.clone()))?;
-        Ok(Some(Active {
-            domid: listed.domid,
-            info,
-            config: listed.config,
-        }))
-    }
-
     fn require_active(&self, name: &str, operation: &'static str) -> Result<Active> {
         match self.active(name)? {
             Some(a) => Ok(a),
@@ -164,13 +129,6 @@ impl XenHost {
                 })
             }
         }
-    }
-
-    /// The stored record of `name`; [`Error::NoSuchDomain`] if there is none.
-    fn saved(&self, name: &str) -> Result<Saved> {
-        self.store
-            .load(name)?
-            .ok_or_else(|| Error::NoSuchDomain(name.into()))
     }
 
     /// The state and configuration of `name` when it is shut off; waits for the device model of
@@ -191,45 +149,17 @@ impl XenHost {
         Ok(saved)
     }
 
-    fn info(name: &str, state: RunState, domid: Option<u32>, config: &Value) -> DomainInfo {
-        DomainInfo {
-            name: name.into(),
-            state,
-            instance: domid.map(u64::from),
-            memory_bytes: config::memory_bytes(config),
-            memory_path: None,
-            disks: config::disks(config),
-        }
-    }
-
-    fn disk_of(name: &str, config: &Value, target: &str) -> Result<DiskInfo> {
-        let disk = config::disks(config)
-            .into_iter()
-            .find(|d| d.target == target)
-            .ok_or_else(|| Error::NoSuchDisk {
-                domain: name.into(),
-                target: target.into(),
-            })?;
-        if disk.format != "qcow2" {
-            return Err(Error::Invalid(format!(
-                "disk {target} of domain {name:?} is {}; snapshots need qcow2",
-                disk.format
-            )));
-        }
-        Ok(disk)
-    }
-
     /// Internal snapshots of `disk` through the device model (one QMP session), creating or
     /// deleting `tag` on the way; the names as they were before.
     fn live_snapshots(
         &self,
         name: &str,
         active: &Active,
-        disk: &DiskInfo,
+        target: &str,
         tag: &str,
         op: SnapshotOp,
     ) -> Result<Vec<String>> {
-        let node = format!("{}-qcow2", disk.target);
+        let node = format!("{target}-qcow2");
         let socket = self.tools.qmp_socket(active.domid);
         let dm_err = |message: String| Error::DeviceModel {
             domain: name.into(),
@@ -272,6 +202,26 @@ impl XenHost {
     }
 }
 
+/// Runs one QMP command on the device model of domain `domid` and returns its answer (for
+/// diagnosing a host by hand: `xenhost-smoke`).
+#[doc(hidden)]
+pub fn qmp_command(
+    domid: u32,
+    command: &str,
+    arguments: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    #[cfg(not(test))]
+    let socket = Tools::system().qmp_socket(domid);
+    #[cfg(test)]
+    let socket = PathBuf::from(format!("/run/xen/qmp-libxl-{domid}"));
+    qmp::run(&socket, QMP_TIMEOUT, &[(command, arguments)])
+        .map(|mut v| v.pop().unwrap_or_default())
+        .map_err(|e| Error::DeviceModel {
+            domain: format!("domain id {domid}"),
+            message: e.to_string(),
+        })
+}
+
 fn xc_err(name: &str, what: &str) -> impl FnOnce(std::io::Error) -> Error {
     let message = format!("libxenctrl {what}");
     let domain = name.to_string();
@@ -287,52 +237,13 @@ impl Host for XenHost {
     }
 
     fn domains(&self) -> Result<Vec<DomainInfo>> {
-        let mut out = Vec::new();
-        let listed = self.listed()?;
-        for l in &listed {
-            if config::check_name(&l.name).is_err() {
-                continue;
-            }
-            let state = match self
-                .xc
-                .domain(l.domid)
-                .map_err(xc_err(&l.name, "getinfolist"))?
-            {
-                Some(d) => d.run_state(),
-                None => continue,
-            };
-            if state.is_active() {
-                self.store
-                    .save(&Saved::new(&l.name, l.domid, l.config.clone()))?;
-            }
-            out.push(Self::info(&l.name, state, Some(l.domid), &l.config));
-        }
-        for name in self.store.names()? {
-            if out.iter().any(|d| d.name == name) {
-                continue;
-            }
-            if let Some(saved) = self.store.load(&name)? {
-                out.push(Self::info(&name, RunState::Shutoff, None, &saved.config));
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.all_domains()
     }
 
     fn domain(&self, name: &str) -> Result<DomainInfo> {
         match self.active(name)? {
-            Some(a) => Ok(Self::info(
-                name,
-                a.info.run_state(),
-                Some(a.domid),
-                &a.config,
-            )),
-            None => Ok(Self::info(
-                name,
-                RunState::Shutoff,
-                None,
-                &self.saved(name)?.config,
-            )),
+            Some(a) => Ok(self.info(name, a.info.run_state(), Some(a.domid), &a.config)),
+            None => Ok(self.info(name, RunState::Shutoff, None, &self.saved(name)?.config)),
         }
     }
 
@@ -420,18 +331,28 @@ impl Host for XenHost {
     }
 
     fn restore_memory(&self, name: &str, source: &mut dyn Read) -> Result<()> {
-        self.require_shutoff(name, "restore memory")?;
+        let saved = self.require_shutoff(name, "restore memory")?;
+        // The disks as they are now, not as libxl knew them when it saved (see `stream`).
+        let disks = config::disks(&saved.config)
+            .into_iter()
+            .map(|d| (d.info.target, d.info.path))
+            .collect();
+        let stream_err = |source| Error::Stream {
+            domain: name.into(),
+            source,
+        };
+        let (mut source, _) = stream::with_disks(source, &disks).map_err(stream_err)?;
         let scratch = ScratchFiles::new_in(&self.tmp)?;
         let pipe = scratch.dir.join("memory");
         fifo::make(&pipe).map_err(Error::io("mkfifo", &pipe))?;
         let pipe_arg = pipe.to_string_lossy().into_owned();
         let args = ["restore", "-p", pipe_arg.as_str()];
         let mut child = self.tools.spawn(&args, &scratch)?;
-        let fed = fifo::feed(&pipe, &mut child, source);
+        let fed = fifo::feed(&pipe, &mut child, &mut *source);
         let status = xl::wait_bounded(&mut child, XL_LONG, "xl restore")?;
         let (_, stderr) = scratch.read();
         let result = match fed {
-            Ok(_) if status.success() => match self.active(name)? {
+            Ok(_) if status.success() => match self.adopt_new(name)? {
                 Some(_) => return Ok(()),
                 None => Err(Error::Toolstack {
                     command: args.join(" "),
@@ -467,75 +388,132 @@ impl Host for XenHost {
             self.remove_partial(name);
             return Err(xl::toolstack(&args, status, &scratch.read().1));
         }
-        self.require_active(name, "start").map(|_| ())
+        match self.adopt_new(name)? {
+            Some(_) => Ok(()),
+            None => Err(Error::Toolstack {
+                command: args.join(" "),
+                status: status.to_string(),
+                stderr: format!("no domain {name:?} after xl create"),
+            }),
+        }
     }
 
     fn disk_snapshots(&self, name: &str, target: &str) -> Result<Vec<String>> {
         match self.active(name)? {
-            Some(a) => {
-                let disk = Self::disk_of(name, &a.config, target)?;
-                self.live_snapshots(name, &a, &disk, "", SnapshotOp::List)
-            }
+            Some(a) => match self.storage(name, &a.config, target)? {
+                Storage::Qcow2(_) => self.live_snapshots(name, &a, target, "", SnapshotOp::List),
+                s => self.offline(&s, false, |b| b.snapshots()),
+            },
             None => {
                 let saved = self.saved(name)?;
-                let disk = Self::disk_of(name, &saved.config, target)?;
-                offline::list(&disk.path)
+                let s = self.storage(name, &saved.config, target)?;
+                self.offline(&s, false, |b| b.snapshots())
             }
         }
     }
 
     fn create_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
-        match self.active(name)? {
-            Some(a) => {
-                let disk = Self::disk_of(name, &a.config, target)?;
-                self.live_snapshots(name, &a, &disk, tag, SnapshotOp::Create)?;
-                Ok(())
-            }
-            None => {
-                let saved = self.require_shutoff(name, "snapshot a disk")?;
-                let disk = Self::disk_of(name, &saved.config, target)?;
-                if offline::list(&disk.path)?.iter().any(|t| t == tag) {
-                    return Ok(());
-                }
-                offline::create(&disk.path, tag)
-            }
-        }
+        self.change_disk_snapshot(name, target, tag, SnapshotOp::Create)
     }
 
     fn delete_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
-        match self.active(name)? {
-            Some(a) => {
-                let disk = Self::disk_of(name, &a.config, target)?;
-                self.live_snapshots(name, &a, &disk, tag, SnapshotOp::Delete)?;
-                Ok(())
-            }
-            None => {
-                let saved = self.require_shutoff(name, "delete a disk snapshot")?;
-                let disk = Self::disk_of(name, &saved.config, target)?;
-                if !offline::list(&disk.path)?.iter().any(|t| t == tag) {
-                    return Ok(());
-                }
-                offline::delete(&disk.path, tag)
-            }
-        }
+        self.change_disk_snapshot(name, target, tag, SnapshotOp::Delete)
     }
 
     /// Also waits for the device model of the domain's last incarnation to exit.
     fn shut_off_disk(&self, name: &str, target: &str, operation: &'static str) -> Result<PathBuf> {
         let saved = self.require_shutoff(name, operation)?;
-        Ok(Self::disk_of(name, &saved.config, target)?.path)
+        match self.storage(name, &saved.config, target)? {
+            Storage::Qcow2(path) => Ok(path),
+            Storage::Thin(path, _) => Err(Error::Invalid(format!(
+                "disk {target} of domain {name:?} ({}) is an LVM thin volume: there is no \
+                 image to {operation}",
+                path.display()
+            ))),
+        }
+    }
+
+    fn check_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        let saved = self.require_shutoff(name, "check a disk")?;
+        match self.storage(name, &saved.config, target)? {
+            Storage::Qcow2(path) => disk::check(&path).map_err(disks::disk_err(&path)),
+            // No image structure to check: LVM keeps the volume's metadata.
+            Storage::Thin(..) => Ok(disk::CheckReport::default()),
+        }
+    }
+
+    fn repair_disk(&self, name: &str, target: &str) -> Result<disk::CheckReport> {
+        let saved = self.require_shutoff(name, "repair a disk")?;
+        match self.storage(name, &saved.config, target)? {
+            Storage::Qcow2(path) => disk::repair_leaks(&path).map_err(disks::disk_err(&path)),
+            Storage::Thin(..) => Ok(disk::CheckReport::default()),
+        }
+    }
+
+    fn create_external_snapshot(&self, name: &str, target: &str, overlay: &Path) -> Result<()> {
+        self.external_snapshot(name, target, overlay)
+    }
+
+    fn revert_external_snapshot(
+        &self,
+        name: &str,
+        target: &str,
+        base: &Path,
+        overlay: &Path,
+    ) -> Result<()> {
+        self.external_revert(name, target, base, overlay)
+    }
+
+    fn remove_image(&self, name: &str, target: &str, image: &Path) -> Result<()> {
+        self.remove_image_of(name, target, image)
     }
 
     fn apply_disk_snapshot(&self, name: &str, target: &str, tag: &str) -> Result<()> {
         let saved = self.require_shutoff(name, "apply a disk snapshot")?;
-        let disk = Self::disk_of(name, &saved.config, target)?;
-        if !offline::list(&disk.path)?.iter().any(|t| t == tag) {
+        let storage = self.storage(name, &saved.config, target)?;
+        let has = self.offline(&storage, false, |b| b.snapshots())?;
+        if !has.iter().any(|t| t == tag) {
             return Err(Error::NoSuchDiskSnapshot {
                 domain: name.into(),
                 target: target.into(),
                 tag: tag.into(),
             });
         }
-        offline::apply(&disk.path, tag)
+        self.offline(&storage, true, |b| b.apply_snapshot(tag))
+    }
+}
+
+impl XenHost {
+    /// Creates or deletes snapshot `tag` of disk `target` (idempotent): through the device
+    /// model for the qcow2 image of an active domain, through the backend otherwise.
+    fn change_disk_snapshot(
+        &self,
+        name: &str,
+        target: &str,
+        tag: &str,
+        op: SnapshotOp,
+    ) -> Result<()> {
+        let storage = match self.active(name)? {
+            Some(a) => match self.storage(name, &a.config, target)? {
+                Storage::Qcow2(_) => {
+                    self.live_snapshots(name, &a, target, tag, op)?;
+                    return Ok(());
+                }
+                s => s,
+            },
+            None => {
+                let operation = match op {
+                    SnapshotOp::Delete => "delete a disk snapshot",
+                    _ => "snapshot a disk",
+                };
+                let saved = self.require_shutoff(name, operation)?;
+                self.storage(name, &saved.config, target)?
+            }
+        };
+        match op {
+            SnapshotOp::Create => self.offline(&storage, true, |b| b.create_snapshot(tag)),
+            SnapshotOp::Delete => self.offline(&storage, true, |b| b.delete_snapshot(tag)),
+            SnapshotOp::List => Ok(()),
+        }
     }
 }

@@ -144,7 +144,6 @@ impl Qmp {
 
 /// Runs `commands` in one session on `socket` (a fresh single-threaded runtime, as XenHost is
 /// synchronous) and returns their results in order.
-#[cfg(test)]
 pub(crate) fn run(
     socket: &Path,
     timeout: Duration,

@@ -30,6 +30,8 @@ pub(crate) struct XcDomain {
     pub flags: u32,
     /// Pages the domain holds.
     pub tot_pages: u64,
+    /// The domain's handle: the UUID of its configuration (`c_info.uuid`).
+    pub handle: [u8; 16],
 }
 
 impl XcDomain {
@@ -48,6 +50,17 @@ impl XcDomain {
     /// Whether the toolstack (controller) holds the domain paused.
     pub fn paused(&self) -> bool {
         self.flags & XEN_DOMINF_paused != 0
+    }
+}
+
+impl From<&xc_domaininfo_t> for XcDomain {
+    fn from(info: &xc_domaininfo_t) -> XcDomain {
+        XcDomain {
+            domid: u32::from(info.domain),
+            flags: info.flags,
+            tot_pages: info.tot_pages,
+            handle: info.handle,
+        }
     }
 }
 
@@ -86,11 +99,30 @@ impl Xc {
         if n == 0 || u32::from(info.domain) != domid {
             return Ok(None);
         }
-        Ok(Some(XcDomain {
-            domid,
-            flags: info.flags,
-            tot_pages: info.tot_pages,
-        }))
+        Ok(Some(XcDomain::from(&info)))
+    }
+
+    /// Every domain of the hypervisor (Domain-0 included), by increasing id.
+    pub fn domains(&self) -> io::Result<Vec<XcDomain>> {
+        const BATCH: usize = 256;
+        let mut out = Vec::new();
+        let mut first = 0u32;
+        loop {
+            let mut buf = vec![xc_domaininfo_t::default(); BATCH];
+            // SAFETY: `handle` is open; `buf` has room for BATCH entries.
+            let n = unsafe {
+                xc_domain_getinfolist(self.handle, first, BATCH as u32, buf.as_mut_ptr())
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            out.extend(buf[..n].iter().map(XcDomain::from));
+            match buf[..n].last() {
+                Some(last) if n == BATCH => first = u32::from(last.domain) + 1,
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// Raises the domain's pause count.
@@ -164,6 +196,16 @@ pub(crate) mod fake {
         Some((it.next().unwrap_or(0), it.next().unwrap_or(0)))
     }
 
+    /// The handle of a domain: the UUID in the third field of its file, else [`DEFAULT_UUID`].
+    fn handle(domid: u32) -> [u8; 16] {
+        let s = fs::read_to_string(path(domid)).unwrap_or_default();
+        let uuid = s.split_whitespace().nth(2).unwrap_or(DEFAULT_UUID);
+        super::super::config::parse_uuid(uuid).unwrap_or_default()
+    }
+
+    /// The UUID of every fake domain whose file does not name one.
+    pub const DEFAULT_UUID: &str = "d0d0d0d0-0000-4000-8000-000000000001";
+
     /// Makes `xc_interface_open` fail, as off a Xen host.
     pub fn fail_open(fail: bool) {
         FAIL_OPEN.with(|f| *f.borrow_mut() = fail);
@@ -213,6 +255,7 @@ pub(crate) mod fake {
                 domain: domid as u16,
                 flags: flags | if count > 0 { XEN_DOMINF_paused } else { 0 },
                 tot_pages: 32768,
+                handle: handle(domid),
                 ..Default::default()
             };
             // SAFETY: the caller gives room for `max` entries.

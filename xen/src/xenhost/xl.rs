@@ -26,6 +26,8 @@ pub(crate) struct Tools {
     /// How long to wait for a guest to announce it can suspend (see
     /// [`Tools::wait_guest_can_suspend`]).
     pub guest_ready: Duration,
+    /// The `lvm` program (LVM thin volumes).
+    pub lvm: PathBuf,
 }
 
 impl Tools {
@@ -39,6 +41,7 @@ impl Tools {
             dm_exit: Duration::from_secs(30),
             xenstore_read: PathBuf::from("xenstore-read"),
             guest_ready: Duration::from_secs(60),
+            lvm: PathBuf::from("lvm"),
         }
     }
 

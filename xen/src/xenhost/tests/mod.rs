@@ -15,6 +15,9 @@ use super::xl::Tools;
 use super::*;
 use crate::{Error, Host, RunState};
 
+mod external;
+mod storage;
+
 /// The fake `xl`: logs its arguments, serves `list -l` from `list.json`, and plays
 /// `destroy`, `save`, `restore` and `create` on the files of the fake hypervisor.
 const FAKE_XL: &str = r#"#!/bin/sh
@@ -53,7 +56,7 @@ create)
 esac
 "#;
 
-fn list_json(domid: u32) -> String {
+pub(super) fn list_json(domid: u32) -> String {
     json!([{
         "domid": domid,
         "config": {
@@ -76,15 +79,21 @@ fn list_json(domid: u32) -> String {
     .to_string()
 }
 
-struct Lab {
+pub(super) struct Lab {
     _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    host: XenHost,
+    pub dir: PathBuf,
+    pub host: XenHost,
+    tools: Tools,
+}
+
+/// A second XenHost on the lab's state directory: what the next domsnap process sees.
+pub(super) fn reopen(lab: &Lab) -> XenHost {
+    XenHost::open_with(&lab.dir.join("state"), lab.tools.clone()).expect("open")
 }
 
 impl Lab {
     /// A host whose domain `domd` runs as domain id 5 (ids 6, 7 for its next lives).
-    fn new() -> Lab {
+    pub fn new() -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         fake::fail_open(false);
@@ -120,24 +129,26 @@ impl Lab {
             dm_exit: Duration::from_secs(5),
             xenstore_read: dir.join("xenstore-read"),
             guest_ready: Duration::from_secs(2),
+            lvm: dir.join("lvm"),
         };
-        let host = XenHost::open_with(&dir.join("state"), tools).expect("open");
+        let host = XenHost::open_with(&dir.join("state"), tools.clone()).expect("open");
         Lab {
             _tmp: tmp,
             dir,
             host,
+            tools,
         }
     }
 
-    fn write(&self, file: &str, content: impl AsRef<[u8]>) {
+    pub fn write(&self, file: &str, content: impl AsRef<[u8]>) {
         fs::write(self.dir.join(file), content).expect("write");
     }
 
-    fn read(&self, file: &str) -> String {
+    pub fn read(&self, file: &str) -> String {
         fs::read_to_string(self.dir.join(file)).unwrap_or_default()
     }
 
-    fn mem(&self, len: usize) -> Vec<u8> {
+    pub fn mem(&self, len: usize) -> Vec<u8> {
         let mem: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         self.write("mem", &mem);
         mem
@@ -154,6 +165,7 @@ fn run_state_follows_xen_flags() {
             domid: 1,
             flags,
             tot_pages: 0,
+            handle: [0; 16],
         }
         .run_state()
     };
@@ -173,9 +185,10 @@ fn config_from_xl_list() {
     assert_eq!(config::memory_bytes(c), 128 << 20);
     let disks = config::disks(c);
     assert_eq!(disks.len(), 1, "cdrom left out");
-    assert_eq!(disks[0].target, "xvda");
-    assert_eq!(disks[0].path, PathBuf::from("/images/domd.qcow2"));
-    assert_eq!(disks[0].format, "qcow2");
+    assert_eq!(disks[0].info.target, "xvda");
+    assert_eq!(disks[0].info.path, PathBuf::from("/images/domd.qcow2"));
+    assert_eq!(disks[0].info.format, "qcow2");
+    assert_eq!(disks[0].backend, "qdisk");
     let cfg = config::render_xl_cfg(c).expect("cfg");
     for want in [
         "name = \"domd\"",
@@ -229,6 +242,7 @@ fn open_fails_off_xen() {
         dm_exit: Duration::from_secs(1),
         xenstore_read: PathBuf::from("/nonexistent/xenstore-read"),
         guest_ready: Duration::from_secs(1),
+        lvm: PathBuf::from("/nonexistent/lvm"),
     };
     let err = XenHost::open_with(tmp.path(), tools).expect_err("must fail");
     fake::fail_open(false);
@@ -477,7 +491,7 @@ fn start_boots_from_the_remembered_config() {
 
 /// A QMP server for domain 5's device model: one disk node `xvda-qcow2` whose snapshot table
 /// is `snaps`; sends an event before every reply. Records the commands it got.
-fn qmp_server(lab: &Lab, snaps: Vec<String>) -> Arc<Mutex<Vec<Value>>> {
+pub(super) fn qmp_server(lab: &Lab, snaps: Vec<String>) -> Arc<Mutex<Vec<Value>>> {
     let listener = UnixListener::bind(lab.dir.join("run/qmp-libxl-5")).expect("bind");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -633,7 +647,7 @@ fn path(p: &std::path::Path) -> &str {
 }
 
 /// Runs a QEMU tool; a missing tool or a failure fails the test (never a skip).
-fn qemu(args: &[&str]) -> String {
+pub(super) fn qemu(args: &[&str]) -> String {
     let out = std::process::Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -647,13 +661,13 @@ fn qemu(args: &[&str]) -> String {
 }
 
 /// Fills the first 64 KiB of a qcow2 image with `byte`.
-fn qemu_io_write(img: &std::path::Path, byte: u8) {
+pub(super) fn qemu_io_write(img: &std::path::Path, byte: u8) {
     let cmd = format!("write -P {byte} 0 64k");
     qemu(&["qemu-io", "-f", "qcow2", "-c", &cmd, path(img)]);
 }
 
 /// The byte the first 64 KiB of a qcow2 image are filled with (fails if they differ).
-fn qemu_io_read_byte(img: &std::path::Path) -> u8 {
+pub(super) fn qemu_io_read_byte(img: &std::path::Path) -> u8 {
     for byte in [0x11u8, 0x22, 0x33] {
         let cmd = format!("read -P {byte} 0 64k");
         let out = std::process::Command::new("qemu-io")
