@@ -334,3 +334,25 @@ fn a_second_operation_on_a_busy_domain_is_refused_and_readers_still_work() {
     );
     check_recovered(&env, "b", "running");
 }
+
+#[test]
+fn recover_reports_what_it_recovered_on_opening() {
+    let env = Env::new();
+    env.running_domain("r", "16M", &["32M"]);
+    crash(
+        &env,
+        &["create", "r", "s"],
+        "engine::create::after-snapshot-disk",
+    );
+    // Every data step had finished: the writer's opening rolls the create forward before
+    // `recover` looks for open operations, and the report still names it.
+    let report = env.json(&["recover"]);
+    let ops = report.as_array().unwrap();
+    assert_eq!(ops.len(), 1, "{report}");
+    assert_eq!(ops[0]["kind"], "create", "{report}");
+    assert_eq!(ops[0]["snapshot"], "s", "{report}");
+    assert_eq!(ops[0]["decision"], "forward", "{report}");
+    assert_eq!(ops[0]["open"], false, "{report}");
+    // Nothing is left: a second recover has nothing to say.
+    assert_eq!(env.json(&["recover"]), serde_json::json!([]));
+}
