@@ -329,7 +329,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Opening for writing runs the automatic recovery; this one also retries what
             // needs recovery, and reports.
             let mut engine = open(Access::Write, None)?;
-            let report = engine.recover(RecoverMode::Requested { force: a.force })?;
+            let requested = engine.recover(RecoverMode::Requested { force: a.force })?;
+            // What opening recovered counts too (else a `recover` right after a crash would
+            // say "nothing to recover" about what it has just rolled back); an operation
+            // retried now is reported as it ended now.
+            let mut report: Vec<_> = engine
+                .take_recovered_at_open()
+                .into_iter()
+                .filter(|r| !requested.iter().any(|q| q.op == r.op))
+                .collect();
+            report.extend(requested);
             output::recovered(&report, json)?;
             match report.iter().filter(|r| r.open).count() {
                 0 => Ok(()),

@@ -20,7 +20,7 @@ use crate::identity::{Check, Mark, Marker, Mismatch, MARK_NAME};
 use crate::memstore::MemStore;
 use crate::names;
 use crate::plan::Failpoint;
-use crate::recovery::RecoverMode;
+use crate::recovery::{RecoverMode, Recovered};
 
 /// What the engine tells its user while it works (progress bars, messages).
 pub trait Observer: Sync {
@@ -123,6 +123,8 @@ pub struct Engine {
     pub(crate) observer: Box<dyn Observer>,
     locks: BTreeMap<String, File>,
     identity_problem: Option<Mismatch>,
+    /// What the automatic recovery at opening did (writers only).
+    recovered_at_open: Vec<Recovered>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -259,9 +261,10 @@ impl Engine {
             observer,
             locks,
             identity_problem: None,
+            recovered_at_open: Vec::new(),
         };
         engine.write_missing_marks(&check, &markers(state, engine.host.kind(), &objects))?;
-        engine.recover(RecoverMode::Automatic)?;
+        engine.recovered_at_open = engine.recover(RecoverMode::Automatic)?;
         Ok(engine)
     }
 
@@ -290,6 +293,7 @@ impl Engine {
             observer,
             locks: BTreeMap::new(),
             identity_problem,
+            recovered_at_open: Vec::new(),
         })
     }
 
@@ -326,6 +330,12 @@ impl Engine {
             .objects()
             .replace(MARK_NAME, &bytes)
             .map_err(|e| Error::Memory(e.into()))
+    }
+
+    /// What the automatic recovery of opening this engine for writing did, taken once: the
+    /// `recover` command reports it beside what it does itself.
+    pub fn take_recovered_at_open(&mut self) -> Vec<Recovered> {
+        std::mem::take(&mut self.recovered_at_open)
     }
 
     /// Why the journal does not belong with the stores beside it, if it does not (only a
